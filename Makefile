@@ -1,0 +1,31 @@
+# The few commands people type. `make test` works on a fresh clone: it builds .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# CPU torch for machines without a GPU; a GPU site installs its own torch and `pip install -e .`
+CONSTRAINTS ?= constraints/cpu.txt
+
+.PHONY: install test lint format clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## set up .venv/ with FastServe and its test extras
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint  ## lint, then the whole test suite
+	$(PY) -m pytest
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

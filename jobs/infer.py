@@ -1,0 +1,101 @@
+"""`fastserve infer`: bulk inference over a Parquet corpus on Dask.
+
+fastserve infer --task sentiment --model models/sst2 --input corpus/ --output out/
+fastserve infer --config job.toml --workers 4
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.config import DEVICES, DTYPES, ON_LONG, TASKS, load_job
+from pipeline.executors import dask_executor
+from pipeline.infer import run_infer
+
+from .progress import Progress
+
+
+def _overrides(**flags) -> dict:
+    """Flags the user gave, as nested config tables (unset flags leave the job file's value)."""
+    where = {
+        "inputs": ("input", "paths"),
+        "text_column": ("input", "text_column"),
+        "id_column": ("input", "id_column"),
+        "keep_columns": ("input", "keep_columns"),
+        "model": ("model", "path"),
+        "device": ("model", "device"),
+        "dtype": ("model", "dtype"),
+        "task": ("task", "name"),
+        "batch_size": ("task", "batch_size"),
+        "max_length": ("task", "max_length"),
+        "on_long": ("task", "on_long"),
+        "output": ("output", "path"),
+        "overwrite": ("output", "overwrite"),
+        "workers": ("cluster", "workers"),
+        "threads_per_worker": ("cluster", "threads_per_worker"),
+        "scheduler_address": ("cluster", "scheduler_address"),
+        "host": ("cluster", "host"),
+    }
+    out: dict = {}
+    for name, value in flags.items():
+        if value is None or value == () or value is False:
+            continue
+        table, key = where[name]
+        out.setdefault(table, {})[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="TOML job file; flags override it.",
+)
+@click.option("--task", type=click.Choice(TASKS), help="What to run.")
+@click.option("--model", help="Local model folder (Hugging Face checkpoint).")
+@click.option("--input", "inputs", multiple=True, help="Parquet file, folder or glob (repeatable).")
+@click.option("--output", help="Run folder to write (resumable).")
+@click.option("--text-column", help="Column holding the text [text].")
+@click.option("--id-column", help="Column holding row ids [id if present, else file:row].")
+@click.option(
+    "--keep-column",
+    "keep_columns",
+    multiple=True,
+    help="Input column to copy to the output (repeatable).",
+)
+@click.option("--batch-size", type=int, help="Rows per model call [32].")
+@click.option("--max-length", type=int, help="Longest input in tokens [the model's limit].")
+@click.option(
+    "--on-long",
+    type=click.Choice(ON_LONG),
+    help="Over-long text: truncate (flagged) or reject [truncate].",
+)
+@click.option("--device", type=click.Choice(DEVICES), help="[auto]")
+@click.option("--dtype", type=click.Choice(DTYPES), help="[auto: float32 on cpu, bfloat16 on cuda]")
+@click.option("--workers", type=int, help="Dask worker processes to start [2].")
+@click.option("--threads-per-worker", type=int, help="Torch threads per worker [cores / workers].")
+@click.option("--scheduler-address", help="Use a running Dask scheduler instead of starting one.")
+@click.option("--host", help="Interface a started scheduler listens on [127.0.0.1].")
+@click.option(
+    "--overwrite", is_flag=True, default=None, help="Replace a run made with another config."
+)
+def infer(config_file, **flags) -> None:
+    """Run a task over a Parquet corpus; write one Parquet file per input shard.
+
+    Rerunning the same command resumes: finished shards are skipped, new input files are done.
+    """
+    job = load_job(config_file, _overrides(**flags))
+    progress = Progress()
+    summary = run_infer(job, dask_executor, on_shard=progress.shard, on_start=progress.start)
+    progress.finish(summary)
+    if summary.failed:
+        click.secho(
+            f"{len(summary.failed)} shard(s) failed; the others are complete:", err=True, fg="red"
+        )
+        for reason in summary.failed.values():
+            click.echo(f"  {reason}", err=True)
+        click.echo("Fix or remove those inputs and rerun the same command to finish.", err=True)
+        sys.exit(1)

@@ -1,0 +1,76 @@
+"""Progress for a run: a live bar on a terminal, plain periodic lines in a batch job's log."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from pipeline.infer import RunSummary
+from pipeline.runner import ShardResult
+
+
+class Progress:
+    def __init__(self, every_s: float = 30.0, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every_s = every_s
+        self.rows = 0
+        self.shards = 0
+        self.total = 0
+        self.t0 = time.time()
+        self.last = 0.0
+        self.bar = None
+
+    def start(self, summary: RunSummary, pending: int) -> None:
+        self.total = pending
+        self.t0 = time.time()
+        click.echo(
+            f"run folder {summary.output}: {summary.shards_total} shards, "
+            f"{summary.shards_skipped} already complete, {pending} to do",
+            err=True,
+        )
+        if summary.dashboard:
+            click.echo(f"Dask dashboard: {summary.dashboard}", err=True)
+        if self.tty and pending:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(
+                TextColumn("shards"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rows]} rows  {task.fields[rate]} rows/s"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("infer", total=pending, rows=0, rate="-")
+
+    def shard(self, res: ShardResult, summary: RunSummary) -> None:
+        self.shards += 1
+        self.rows += res.rows_in
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = f"{self.rows / elapsed:.1f}"
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, rows=self.rows, rate=rate)
+        elif time.time() - self.last >= self.every_s or self.shards == self.total:
+            self.last = time.time()
+            eta = (self.total - self.shards) * elapsed / self.shards
+            click.echo(
+                f"progress: {self.shards}/{self.total} shards, {self.rows} rows, {rate} rows/s, "
+                f"eta {eta:.0f}s",
+                err=True,
+            )
+
+    def finish(self, s: RunSummary) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.rejected_by_reason.items()))
+        click.echo(
+            f"{'complete' if s.ok else 'incomplete'}: {s.shards_done}/{s.shards_total} shards, "
+            f"rows in {s.rows_in} = out {s.rows_out} + rejected {s.rows_rejected}"
+            + (f" ({reasons})" if reasons else "")
+            + f"; {s.seconds:.1f}s -> {s.output}"
+        )

@@ -1,0 +1,231 @@
+"""Typed job configuration: frozen dataclasses, validated once at load time.
+
+A job file is TOML with one table per concern; command-line flags override it:
+
+    [input]   paths = ["corpus/"]  text_column = "text"
+    [model]   path = "models/sst2"
+    [task]    name = "sentiment"   batch_size = 32
+    [output]  path = "out/"
+    [cluster] workers = 2
+
+An unknown table or key, or a value of the wrong type, is a ConfigError that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import ConfigError
+
+TASKS = ("sentiment",)
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ON_LONG = ("truncate", "reject")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    paths: tuple[str, ...] = ()
+    """Parquet files, folders (searched recursively for *.parquet) or glob patterns."""
+    text_column: str = "text"
+    """The column holding the text the task reads."""
+    id_column: str | None = None
+    """The row-key column. Unset: 'id' when the file has one, else '<file>:<row number>'."""
+    keep_columns: tuple[str, ...] = ()
+    """Input columns copied into the output, after the task's own columns."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    """A local folder: a Hugging Face checkpoint (config.json + weights + tokenizer)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    dtype: str = "auto"
+    """auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16 or float16."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "sentiment"
+    """What to run: sentiment."""
+    batch_size: int = 32
+    """Rows per model call (rows are sorted by length first, so batches pad little)."""
+    max_length: int | None = None
+    """Longest input in tokens. Unset: the model's own limit."""
+    on_long: str = "truncate"
+    """What to do with a text over max_length: truncate (and say so in `truncated`) or reject."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = ""
+    """The run folder: results, _rejected/, _manifest/, _SUCCESS."""
+    overwrite: bool = False
+    """Allow a run with a different config fingerprint to replace what the folder holds."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    workers: int = 2
+    """Dask worker processes started on this machine (ignored with scheduler_address)."""
+    threads_per_worker: int = 0
+    """Torch threads per worker. 0: the machine's cores divided by workers."""
+    scheduler_address: str | None = None
+    """Use a running Dask scheduler (tcp://host:port) instead of starting a LocalCluster."""
+    host: str = "127.0.0.1"
+    """Interface a started scheduler listens on: loopback unless told otherwise."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# -- building from plain dicts (TOML tables, flags) with type checks that name the key ---------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {str: "a string", int: "an integer", bool: "true or false", float: "a number"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, key, where) for v in value)
+    ok = {
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            valid = ", ".join(f"{prefix}{n}" for n in names)
+            raise ConfigError(f"{where}: unknown key '{full}'. Valid keys: {valid}.")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{full}' must be a table ([{full}])")
+            kwargs[key] = _build(tp, value, f"{full}.", where)
+        else:
+            kwargs[key] = _coerce(value, tp, full, where)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The job file as nested dicts, with relative paths resolved against the file's folder."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"job file {p} does not exist; pass the path of a TOML job file"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"job file {p} is not valid TOML: {e}") from None
+    base = p.resolve().parent
+
+    def rel(v: str) -> str:
+        return v if os.path.isabs(v) else str(base / v)
+
+    inp, model, out = raw.get("input"), raw.get("model"), raw.get("output")
+    if isinstance(inp, dict) and isinstance(inp.get("paths"), list | str):
+        paths = inp["paths"] if isinstance(inp["paths"], list) else [inp["paths"]]
+        inp["paths"] = [rel(x) if isinstance(x, str) else x for x in paths]
+    for table in (model, out):
+        if isinstance(table, dict) and isinstance(table.get("path"), str):
+            table["path"] = rel(table["path"])
+    return raw
+
+
+def load_job(job_file: str | os.PathLike | None = None, overrides: dict | None = None) -> JobConfig:
+    """Build and validate a JobConfig from an optional job file and flag overrides (nested dicts)."""
+    raw = read_job_file(job_file) if job_file else {}
+    merged = _merge(raw, overrides or {})
+    where = str(job_file) if job_file else "command line"
+    cfg = _build(JobConfig, merged, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: JobConfig, where: str = "config") -> None:
+    """Checks across keys that types alone cannot express. Raises ConfigError naming the key."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{where}: {msg}")
+
+    need(bool(cfg.input.paths), "no input: give --input PATH (or input.paths in the job file)")
+    need(bool(cfg.model.path), "no model: give --model DIR (or model.path in the job file)")
+    need(bool(cfg.output.path), "no output: give --output DIR (or output.path in the job file)")
+    need(
+        cfg.task.name in TASKS,
+        f"task.name is {cfg.task.name!r}; expected one of {', '.join(TASKS)}",
+    )
+    need(cfg.task.batch_size > 0, f"task.batch_size must be > 0, got {cfg.task.batch_size}")
+    need(
+        cfg.task.max_length is None or cfg.task.max_length > 0,
+        f"task.max_length must be > 0, got {cfg.task.max_length}",
+    )
+    need(
+        cfg.task.on_long in ON_LONG,
+        f"task.on_long is {cfg.task.on_long!r}; expected one of {', '.join(ON_LONG)}",
+    )
+    need(
+        cfg.model.device in DEVICES,
+        f"model.device is {cfg.model.device!r}; expected one of {', '.join(DEVICES)}",
+    )
+    need(
+        cfg.model.dtype in DTYPES,
+        f"model.dtype is {cfg.model.dtype!r}; expected one of {', '.join(DTYPES)}",
+    )
+    need(cfg.cluster.workers > 0, f"cluster.workers must be > 0, got {cfg.cluster.workers}")
+    need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")

@@ -1,0 +1,107 @@
+"""Where shards run: a Dask LocalCluster started here, or a running scheduler.
+
+The only module of the library that knows Dask. An executor maps a function over items and
+yields (item, result or exception) as each finishes; the run logic (pipeline/infer.py) does not
+care which executor it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .config import ClusterConfig
+from .errors import ConfigError
+
+# A worker whose scheduler is gone (its client killed) exits after this many seconds, so a killed
+# run leaves no workers behind for long.
+DEATH_TIMEOUT_S = 10
+
+
+def worker_threads(requested: int, workers: int) -> int:
+    """Torch threads per worker so that workers x threads = the machine's cores."""
+    if requested > 0:
+        return requested
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+    return max(1, cores // max(1, workers))
+
+
+class DaskExecutor:
+    def __init__(self, client, threads: int):
+        self.client = client
+        self.threads = threads
+        """Torch threads each task should use in its worker."""
+
+    @property
+    def dashboard_link(self) -> str | None:
+        try:
+            return self.client.dashboard_link
+        except Exception:  # no bokeh: no dashboard
+            return None
+
+    def map_unordered(
+        self, fn: Callable, items: list, key: Callable[[Any], str], **kwargs: Any
+    ) -> Iterator[tuple[Any, Any]]:
+        """Run fn(item, **kwargs) for every item; yield (item, result or exception) as they end.
+
+        A worker that dies mid-task has its task rescheduled elsewhere by the scheduler
+        (`distributed.scheduler.allowed-failures` times) before it is reported as failed.
+        """
+        from distributed import as_completed
+
+        if not items:
+            return
+        futures = self.client.map(fn, items, key=[key(i) for i in items], pure=False, **kwargs)
+        which = {f.key: item for f, item in zip(futures, items, strict=True)}
+        for fut in as_completed(futures):
+            item = which[fut.key]
+            try:
+                yield item, fut.result()
+            except Exception as e:  # the task raised, or its workers kept dying
+                yield item, e
+            finally:
+                fut.release()
+
+
+@contextmanager
+def dask_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
+    """A DaskExecutor on a running scheduler (cfg.scheduler_address) or on a LocalCluster
+    started here with cfg.workers processes, listening on cfg.host (loopback by default)."""
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler_address:
+        try:
+            client = Client(cfg.scheduler_address, timeout="30s")
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {cfg.scheduler_address} ({e}); "
+                "check cluster.scheduler_address (--scheduler-address) or leave it out to start one"
+            ) from None
+        try:
+            # The workers' cores are theirs to know: 0 leaves torch's own default.
+            yield DaskExecutor(client, cfg.threads_per_worker)
+        finally:
+            client.close()
+        return
+    threads = worker_threads(cfg.threads_per_worker, cfg.workers)
+    cluster = LocalCluster(
+        n_workers=cfg.workers,
+        threads_per_worker=1,  # one shard at a time per worker; torch uses `threads` inside it
+        processes=True,
+        host=cfg.host,
+        dashboard_address=f"{cfg.host}:0",
+        death_timeout=DEATH_TIMEOUT_S,
+        silence_logs=logging.ERROR,
+        env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+    )
+    client = Client(cluster)
+    try:
+        yield DaskExecutor(client, threads)
+    finally:
+        client.close()
+        cluster.close()

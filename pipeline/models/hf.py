@@ -1,0 +1,117 @@
+"""Hugging Face checkpoints from a local folder, offline, loaded once per process.
+
+A model folder is a `save_pretrained` folder: config.json, safetensors weights and a tokenizer.
+Nothing reaches a hub (`local_files_only=True`, HF_HUB_OFFLINE=1); `use_safetensors=True` so no
+pickle is ever loaded from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Which architectures suit which model kind: the suffix of `config.architectures`.
+_KIND_SUFFIX = {"sequence-classification": "ForSequenceClassification"}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: Any
+    path: str
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def read_model_config(path: str) -> dict:
+    """The folder's config.json, or a ModelError saying what the folder should hold."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelError(
+            f"model folder {path} does not exist; pass --model a local folder holding a "
+            "Hugging Face checkpoint (config.json, model.safetensors, tokenizer files)"
+        )
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelError(
+            f"model folder {path} has no config.json; expected a Hugging Face checkpoint "
+            "saved with save_pretrained()"
+        )
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg} is not valid JSON ({e}); re-export the checkpoint") from None
+
+
+def check_checkpoint(path: str, kind: str) -> dict:
+    """Check, without loading weights, that `path` holds a checkpoint of `kind`; its config."""
+    config = read_model_config(path)
+    suffix = _KIND_SUFFIX[kind]
+    archs = config.get("architectures") or []
+    if not any(a.endswith(suffix) for a in archs):
+        raise ModelError(
+            f"model folder {path} holds {', '.join(archs) or 'an unnamed architecture'}; "
+            f"the task needs a *{suffix} checkpoint (a {kind} model)"
+        )
+    return config
+
+
+@cache
+def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load the checkpoint at `path` as a model of `kind`, once per process (cached)."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    check_checkpoint(path, kind)
+    dev = resolve_device(device)
+    auto = {"sequence-classification": AutoModelForSequenceClassification}[kind]
+    try:
+        model, info = auto.from_pretrained(
+            path,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=resolve_dtype(dtype, dev),
+            output_loading_info=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the checkpoint in {path}: {e}") from None
+    if info.get("missing_keys"):
+        missing = ", ".join(sorted(info["missing_keys"])[:5])
+        raise ModelError(
+            f"model folder {path} lacks weights the {kind} model needs ({missing}); "
+            "it is not a fine-tuned checkpoint for this task"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"model folder {path} has no fast tokenizer (tokenizer.json); add one")
+    model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, path=path)

@@ -1,0 +1,156 @@
+"""One shard: read -> validate (good rows / rejected rows) -> task -> write atomically -> record.
+
+Knows nothing of Dask: an executor calls `run_shard` wherever it likes, as often as it likes.
+A shard's output is deterministic and every file is renamed into place, so two writers of one
+shard (a retried task, an orphaned worker) leave the same bytes; the record is written last.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from . import schemas
+from .config import JobConfig
+from .errors import UserError
+from .manifest import RunDir, atomic_write_json, atomic_write_parquet
+from .plan import Shard
+from .reader import read_shard
+from .tasks import get_task
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    source: str
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    """Set when the shard as a whole could not be processed (e.g. an unreadable file)."""
+    skipped: bool = False
+    """True when the shard was already complete and nothing was done."""
+
+
+_threads_set = False
+
+
+def _set_threads(threads: int) -> None:
+    global _threads_set
+    if threads > 0 and not _threads_set:
+        import torch
+
+        torch.set_num_threads(threads)
+        _threads_set = True
+
+
+def _validate_rows(
+    ids: list[str | None], texts: list[str | None]
+) -> tuple[list[int], list[tuple[int, str, str]]]:
+    """Rows a task can take, and (row, reason, detail) for the rest, in row order."""
+    good, bad = [], []
+    seen: set[str] = set()
+    for i, (rid, text) in enumerate(zip(ids, texts, strict=True)):
+        if rid is None:
+            bad.append((i, "null_id", "the id column is null"))
+        elif rid in seen:
+            bad.append((i, "duplicate_id", f"id {rid!r} appears earlier in this shard"))
+        elif text is None:
+            bad.append((i, "null_text", "the text column is null"))
+        elif not text.strip():
+            bad.append((i, "empty_text", "the text is empty or blank"))
+        else:
+            good.append(i)
+        if rid is not None:
+            seen.add(rid)
+    return good, bad
+
+
+def _rejected_table(shard: Shard, ids, rows: list[tuple[int, str, str]]) -> pa.Table:
+    rows = sorted(rows)
+    return pa.table(
+        {
+            "id": [ids[i] for i, _, _ in rows],
+            "source_file": [shard.key] * len(rows),
+            "row_number": [i for i, _, _ in rows],
+            "reason": [r for _, r, _ in rows],
+            "detail": [d for _, _, d in rows],
+        },
+        schema=schemas.load("rejected").arrow,
+    )
+
+
+def run_shard(shard: Shard, job: JobConfig, fingerprint_sha: str, threads: int = 0) -> ShardResult:
+    """Process `shard` into the run folder of `job`; return its counts and timings.
+
+    A user-facing problem with the shard's file (InputError and kin) is returned as
+    `ShardResult.error` so the run can finish the other shards; anything else propagates.
+    """
+    run = RunDir.at(job.output.path)
+    done = run.read_record(shard.id)
+    if done is not None and done.get("fingerprint") == fingerprint_sha:
+        return ShardResult(shard=shard.id, source=shard.key, skipped=True, **_counts(done))
+    _set_threads(threads)
+    result = ShardResult(shard=shard.id, source=shard.key)
+    started = time.time()
+    t0 = time.perf_counter()
+    try:
+        data = read_shard(shard, job.input)
+        task = get_task(job.model, job.task)
+    except UserError as e:
+        result.error = str(e)
+        return result
+    t1 = time.perf_counter()
+
+    good, bad = _validate_rows(data.ids, data.texts)
+    out = task.process([data.texts[i] for i in good])
+    kept = [good[k] for k in out.kept]
+    bad += [(good[k], reason, detail) for k, reason, detail in out.rejected]
+    t2 = time.perf_counter()
+
+    schema = task.schema.arrow
+    columns = {"id": [data.ids[i] for i in kept], **out.columns}
+    table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+    if data.keep.num_columns:
+        taken = data.keep.take(pa.array(kept, type=pa.int64()))
+        for name in taken.column_names:
+            table = table.append_column(taken.schema.field(name), taken.column(name))
+    if bad:
+        atomic_write_parquet(run.rejected_path(shard.id), _rejected_table(shard, data.ids, bad))
+    checksum = atomic_write_parquet(run.output_path(shard.id), table)
+    t3 = time.perf_counter()
+
+    result.rows_in = len(data.texts)
+    result.rows_out = table.num_rows
+    result.rows_rejected = len(bad)
+    result.rejected_by_reason = dict(Counter(r for _, r, _ in bad))
+    result.tokens = out.tokens
+    result.seconds = {"read": t1 - t0, "model": t2 - t1, "write": t3 - t2}
+    if result.rows_in != result.rows_out + result.rows_rejected:  # invariant 1: nothing lost
+        raise AssertionError(
+            f"shard {shard.id}: {result.rows_in} in != {result.rows_out} + {result.rows_rejected}"
+        )
+    record = {
+        **asdict(result),
+        "fingerprint": fingerprint_sha,
+        "output": run.output_path(shard.id).name,
+        "sha256": checksum,
+        "started": started,
+        "finished": time.time(),
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    atomic_write_json(run.record_path(shard.id), record)
+    return result
+
+
+def _counts(record: dict) -> dict:
+    keys = ("rows_in", "rows_out", "rows_rejected", "rejected_by_reason", "tokens", "seconds")
+    return {k: record[k] for k in keys}

@@ -1,0 +1,81 @@
+"""Load the Arrow schemas declared in `data_schemas/` (the only place a schema is written down)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import pyarrow as pa
+
+_TYPES = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "list<float32>": pa.list_(pa.float32()),
+    "list<int64>": pa.list_(pa.int64()),
+    "map<string,float32>": pa.map_(pa.string(), pa.float32()),
+}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    type: str
+    nullable: bool
+    required: bool
+    doc: str
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """One declared table: its name, version and fields, convertible to an Arrow schema."""
+
+    name: str
+    version: int
+    doc: str
+    fields: tuple[FieldSpec, ...]
+
+    @property
+    def arrow(self) -> pa.Schema:
+        return pa.schema(
+            [pa.field(f.name, _TYPES[f.type], nullable=f.nullable) for f in self.fields],
+            metadata={"fastserve.schema": f"{self.name}.v{self.version}"},
+        )
+
+    def field(self, name: str) -> FieldSpec:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def ref(self) -> str:
+        """Where a user reads this schema: `data_schemas/<name>.v<version>.json`."""
+        return f"data_schemas/{self.name}.v{self.version}.json"
+
+
+@cache
+def load(name: str, version: int = 1) -> TableSchema:
+    """The declared schema `name` at `version`, from `data_schemas/<name>.v<version>.json`."""
+    text = resources.files("data_schemas").joinpath(f"{name}.v{version}.json").read_text()
+    raw = json.loads(text)
+    fields = tuple(
+        FieldSpec(
+            name=f["name"],
+            type=f["type"],
+            nullable=bool(f.get("nullable", True)),
+            required=bool(f.get("required", True)),
+            doc=f["doc"],
+        )
+        for f in raw["fields"]
+    )
+    for f in fields:
+        if f.type not in _TYPES:
+            raise ValueError(
+                f"{name}.v{version}.json: field {f.name!r} has unknown type {f.type!r}"
+            )
+    return TableSchema(raw["name"], int(raw["version"]), raw["doc"], fields)

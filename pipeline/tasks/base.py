@@ -1,0 +1,32 @@
+"""The task interface: one list of texts in, one set of result columns out.
+
+A task knows nothing of Dask, MPI, Slurm or files. The runner hands it the texts of one chunk of a
+shard; the task tokenizes them once, batches them by length, runs the model and returns columns in
+input order, plus the rows it could not process with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..schemas import TableSchema
+
+
+@dataclass
+class TaskOutput:
+    kept: list[int]
+    """Indices (into the texts given) of the rows that produced a result, ascending."""
+    columns: dict[str, list[Any]]
+    """One list per output column of the task's schema (without `id`), aligned with `kept`."""
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)
+    """(index, reason, detail) for each row the task could not process."""
+    tokens: int = 0
+    """Real (unpadded) tokens the model read and wrote, for throughput figures."""
+
+
+class Task(Protocol):
+    name: str
+    schema: TableSchema
+
+    def process(self, texts: list[str]) -> TaskOutput: ...

@@ -1,0 +1,62 @@
+"""Tokenize once, flag over-long rows, and pad length-sorted batches: shared by encoder tasks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Encoded:
+    features: list[dict[str, list[int]]]
+    """Per row: input_ids, attention_mask (and token_type_ids where the tokenizer makes them)."""
+    truncated: list[bool]
+    lengths: list[int]
+
+
+def model_max_length(tokenizer, config) -> int:
+    """The longest input the model takes: the tokenizer's limit, capped by the position table."""
+    limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < 1e9 else []
+    pos = getattr(config, "max_position_embeddings", None)
+    if pos:
+        limits.append(int(pos))
+    return min(limits) if limits else 512
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> Encoded:
+    """Tokenize all texts in one batch call, truncating to `max_length` exactly as
+    `tokenizer(text, truncation=True, max_length=...)` would, and note which rows were cut."""
+    enc = tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        return_overflowing_tokens=True,
+        stride=0,
+        padding=False,
+    )
+    mapping = enc.pop("overflow_to_sample_mapping")
+    keys = [k for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
+    features: list[dict[str, list[int]] | None] = [None] * len(texts)
+    truncated = [False] * len(texts)
+    for j, i in enumerate(mapping):
+        if features[i] is None:  # the first window is what plain truncation keeps
+            features[i] = {k: enc[k][j] for k in keys}
+        else:
+            truncated[i] = True
+    lengths = [len(f["input_ids"]) for f in features]  # type: ignore[index]
+    return Encoded(features=features, truncated=truncated, lengths=lengths)  # type: ignore[arg-type]
+
+
+def pad_batch(features: list[dict[str, list[int]]], pad_id: int, side: str, device) -> dict:
+    """Stack rows into tensors padded to the batch's longest row."""
+    longest = max(len(f["input_ids"]) for f in features)
+    out = {}
+    for key in features[0]:
+        fill = pad_id if key == "input_ids" else 0
+        rows = []
+        for f in features:
+            gap = [fill] * (longest - len(f[key]))
+            rows.append(gap + f[key] if side == "left" else f[key] + gap)
+        out[key] = torch.tensor(rows, dtype=torch.long, device=device)
+    return out

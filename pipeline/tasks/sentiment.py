@@ -1,0 +1,84 @@
+"""sentiment: any sequence classifier; label, score and the probability of every label.
+
+Scores follow transformers' text-classification pipeline: softmax over labels, sigmoid for a
+single-logit or multi-label model, raw logits for regression.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import schemas
+from ..batching import length_sorted_batches
+from ..config import ModelConfig, TaskConfig
+from ..models.hf import load_hf
+from . import MODEL_KINDS
+from .base import TaskOutput
+from .encoding import encode, model_max_length, pad_batch
+
+
+class SentimentTask:
+    name = "sentiment"
+
+    def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
+        self.schema = schemas.load("sentiment", 1)
+        self.cfg = task_cfg
+        self.loaded = load_hf(
+            model_cfg.path, MODEL_KINDS["sentiment"], model_cfg.device, model_cfg.dtype
+        )
+        config = self.loaded.model.config
+        self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        self.max_length = task_cfg.max_length or model_max_length(self.loaded.tokenizer, config)
+        if config.problem_type == "regression":
+            self.activation = "none"
+        elif config.problem_type == "multi_label_classification" or config.num_labels == 1:
+            self.activation = "sigmoid"
+        else:
+            self.activation = "softmax"
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.activation == "softmax":
+            return torch.softmax(logits, dim=-1)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return logits
+
+    def process(self, texts: list[str]) -> TaskOutput:
+        tok = self.loaded.tokenizer
+        enc = encode(tok, texts, self.max_length)
+        rejected = []
+        todo = list(range(len(texts)))
+        if self.cfg.on_long == "reject":
+            rejected = [
+                (i, "too_long", f"longer than {self.max_length} tokens (task.on_long=reject)")
+                for i in todo
+                if enc.truncated[i]
+            ]
+            todo = [i for i in todo if not enc.truncated[i]]
+        probs: dict[int, list[float]] = {}
+        with torch.inference_mode():
+            for batch in length_sorted_batches([enc.lengths[i] for i in todo], self.cfg.batch_size):
+                rows = [todo[b] for b in batch]
+                inputs = pad_batch(
+                    [enc.features[i] for i in rows],
+                    tok.pad_token_id or 0,
+                    tok.padding_side,
+                    self.loaded.device,
+                )
+                scores = self._scores(self.loaded.model(**inputs).logits).cpu()
+                for i, s in zip(rows, scores.tolist(), strict=True):
+                    probs[i] = s
+        kept = sorted(probs)
+        best = [max(range(len(self.labels)), key=lambda k, p=probs[i]: p[k]) for i in kept]
+        return TaskOutput(
+            kept=kept,
+            columns={
+                "label": [self.labels[b] for b in best],
+                "score": [probs[i][b] for i, b in zip(kept, best, strict=True)],
+                "probabilities": [list(zip(self.labels, probs[i], strict=True)) for i in kept],
+                "truncated": [enc.truncated[i] for i in kept],
+            },
+            rejected=rejected,
+            tokens=sum(enc.lengths[i] for i in kept),
+        )

@@ -1,0 +1,214 @@
+"""`fastserve infer` end to end: the real command, a real Dask cluster, real Parquet."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schemas
+
+from conftest import run_cli, write_corpus
+from reference import pipeline_sentiment
+
+
+def test_sentiment_over_a_folder_equals_the_reference(tmp_path, classifier):
+    files = write_corpus(tmp_path / "corpus", n_files=3, rows=40)
+    out = tmp_path / "out"
+    proc = run_cli(
+        "infer",
+        "--task",
+        "sentiment",
+        "--model",
+        classifier,
+        "--input",
+        tmp_path / "corpus",
+        "--output",
+        out,
+        "--workers",
+        "2",
+        "--batch-size",
+        "8",
+        "--keep-column",
+        "lang",
+        check=True,
+    )
+    assert "rows in 120 = out 120 + rejected 0" in proc.stdout
+    assert (out / "_SUCCESS").exists()
+
+    declared = schemas.load("sentiment").arrow
+    for f in files:
+        result = pq.read_table(out / f.name)  # one output file per input file, named after it
+        assert result.schema.names == [*declared.names, "lang"]
+        assert result.schema.field("probabilities").type == declared.field("probabilities").type
+        source = pq.read_table(f)
+        assert result.column("id").to_pylist() == source.column("id").to_pylist()
+        ref = pipeline_sentiment(classifier, source.column("text").to_pylist())
+        assert result.column("label").to_pylist() == [r[0] for r in ref]
+        assert result.column("score").to_pylist() == pytest.approx([r[1] for r in ref], abs=1e-5)
+        assert result.column("lang").to_pylist() == ["en"] * 40
+        record = json.loads((out / "_manifest" / "shards" / f"{f.stem}.json").read_text())
+        assert record["rows_in"] == 40 == record["rows_out"] and record["rows_rejected"] == 0
+
+
+def test_job_file_and_generated_ids(tmp_path, classifier):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"body": ["good", "bad", "fine"]}), corpus / "a.parquet")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[input]\npaths = ["corpus"]\ntext_column = "body"\n[model]\npath = "{classifier}"\n'
+        '[task]\nname = "sentiment"\n[output]\npath = "out"\n[cluster]\nworkers = 1\n'
+    )
+    run_cli("infer", "--config", job, check=True)
+    result = pq.read_table(tmp_path / "out" / "a.parquet")
+    assert result.column("id").to_pylist() == ["a.parquet:0", "a.parquet:1", "a.parquet:2"]
+
+
+def test_integer_ids_are_written_as_strings(tmp_path, classifier):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"id": [7, 8], "text": ["good", "bad"]}), corpus / "a.parquet")
+    run_cli(
+        "infer",
+        "--task",
+        "sentiment",
+        "--model",
+        classifier,
+        "--input",
+        corpus,
+        "--output",
+        tmp_path / "out",
+        "--workers",
+        "1",
+        check=True,
+    )
+    assert pq.read_table(tmp_path / "out" / "a.parquet").column("id").to_pylist() == ["7", "8"]
+
+
+def test_running_scheduler_is_used(tmp_path, classifier):
+    from distributed import Client, LocalCluster
+
+    write_corpus(tmp_path / "corpus", n_files=2, rows=10)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        with Client(cluster) as client:
+            run_cli(
+                "infer",
+                "--task",
+                "sentiment",
+                "--model",
+                classifier,
+                "--input",
+                tmp_path / "corpus",
+                "--output",
+                tmp_path / "out",
+                "--scheduler-address",
+                cluster.scheduler_address,
+                check=True,
+            )
+            # the shards ran on that cluster's worker
+            assert (
+                client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_prefixes))
+                >= 1
+            )
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+# -- clear errors: one message naming the file/column, non-zero exit, no traceback ----------------
+
+
+def assert_clear_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert str(n) in proc.stderr, proc.stderr
+
+
+def infer(tmp_path, classifier, corpus, **extra):
+    args = [
+        "infer",
+        "--task",
+        "sentiment",
+        "--model",
+        extra.pop("model", classifier),
+        "--input",
+        corpus,
+        "--output",
+        tmp_path / "out",
+        "--workers",
+        "1",
+    ]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    return run_cli(*args)
+
+
+def test_text_column_of_the_wrong_type(tmp_path, classifier):
+    write_corpus(tmp_path / "c", 1, 5)
+    pq.write_table(pa.table({"id": ["x"], "text": [3]}), tmp_path / "c" / "bad.parquet")
+    proc = infer(tmp_path, classifier, tmp_path / "c")
+    assert_clear_error(proc, "column 'text' is int64", "bad.parquet", "expected string")
+    # the good file was still processed, and the run says it is incomplete
+    assert (tmp_path / "out" / "part-000.parquet").exists()
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_missing_text_column(tmp_path, classifier):
+    (tmp_path / "c").mkdir()
+    pq.write_table(pa.table({"id": ["x"], "body": ["hi"]}), tmp_path / "c" / "a.parquet")
+    assert_clear_error(
+        infer(tmp_path, classifier, tmp_path / "c"),
+        "has no column 'text'",
+        "a.parquet",
+        "--text-column",
+    )
+
+
+def test_unreadable_file(tmp_path, classifier):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.parquet").write_bytes(b"this is not parquet at all")
+    assert_clear_error(
+        infer(tmp_path, classifier, tmp_path / "c"), "a.parquet", "not readable Parquet"
+    )
+
+
+def test_missing_model_folder(tmp_path, classifier):
+    write_corpus(tmp_path / "c", 1, 5)
+    proc = infer(tmp_path, classifier, tmp_path / "c", model=tmp_path / "nope")
+    assert_clear_error(proc, "model folder", "nope", "does not exist")
+    assert proc.returncode == 2
+
+
+def test_model_of_the_wrong_kind(tmp_path, classifier):
+    import shutil
+
+    write_corpus(tmp_path / "c", 1, 5)
+    wrong = tmp_path / "lm"
+    shutil.copytree(classifier, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["architectures"] = ["BertForMaskedLM"]
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    assert_clear_error(
+        infer(tmp_path, classifier, tmp_path / "c", model=wrong),
+        "BertForMaskedLM",
+        "ForSequenceClassification",
+    )
+
+
+def test_config_error_from_the_command_line(tmp_path, classifier):
+    write_corpus(tmp_path / "c", 1, 5)
+    assert_clear_error(
+        infer(tmp_path, classifier, tmp_path / "c", batch_size=0), "task.batch_size must be > 0"
+    )
+    job = tmp_path / "job.toml"
+    job.write_text("[task]\nbatchsize = 3\n")
+    assert_clear_error(
+        run_cli("infer", "--config", job), "unknown key 'task.batchsize'", "task.batch_size"
+    )
+
+
+def test_version_and_help():
+    assert run_cli("--version", check=True).stdout.startswith("fastserve, version ")
+    assert "infer" in run_cli("--help", check=True).stdout
