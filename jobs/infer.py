@@ -6,13 +6,14 @@ fastserve infer --config job.toml --workers 4
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
 from pipeline.config import DEVICES, DTYPES, ON_LONG, TASKS, load_job
 from pipeline.executors import dask_executor
-from pipeline.infer import run_infer
+from pipeline.infer import Stop, run_infer
 
 from .progress import Progress
 
@@ -24,6 +25,7 @@ def _overrides(**flags) -> dict:
         "text_column": ("input", "text_column"),
         "id_column": ("input", "id_column"),
         "keep_columns": ("input", "keep_columns"),
+        "shard_rows": ("input", "shard_rows"),
         "model": ("model", "path"),
         "device": ("model", "device"),
         "dtype": ("model", "dtype"),
@@ -66,6 +68,9 @@ def _overrides(**flags) -> dict:
     multiple=True,
     help="Input column to copy to the output (repeatable).",
 )
+@click.option(
+    "--shard-rows", type=int, help="Rows per shard (the unit of work and memory) [100000]."
+)
 @click.option("--batch-size", type=int, help="Rows per model call [32].")
 @click.option("--max-length", type=int, help="Longest input in tokens [the model's limit].")
 @click.option(
@@ -89,7 +94,23 @@ def infer(config_file, **flags) -> None:
     """
     job = load_job(config_file, _overrides(**flags))
     progress = Progress()
-    summary = run_infer(job, dask_executor, on_shard=progress.shard, on_start=progress.start)
+    stop = Stop()
+
+    def on_signal(signum, frame):
+        stop.request(signum)
+        what = (
+            "abandoning running shards"
+            if stop.level > 1
+            else "finishing running shards (signal again to abandon)"
+        )
+        click.echo(f"{signal.Signals(signum).name}: no new shards; {what}", err=True)
+
+    # SIGINT (Ctrl-C), SIGTERM (kill, scancel), SIGUSR1 (Slurm's warning before a time limit)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+    summary = run_infer(
+        job, dask_executor, on_shard=progress.shard, on_start=progress.start, stop=stop
+    )
     progress.finish(summary)
     if summary.failed:
         click.secho(
@@ -98,4 +119,10 @@ def infer(config_file, **flags) -> None:
         for reason in summary.failed.values():
             click.echo(f"  {reason}", err=True)
         click.echo("Fix or remove those inputs and rerun the same command to finish.", err=True)
+    if summary.interrupted:
+        click.echo(
+            "interrupted: completed shards are kept; rerun the same command to finish.", err=True
+        )
+        sys.exit(128 + (stop.signal or signal.SIGINT))
+    if summary.failed:
         sys.exit(1)

@@ -41,6 +41,9 @@ class InputConfig:
     """The row-key column. Unset: 'id' when the file has one, else '<file>:<row number>'."""
     keep_columns: tuple[str, ...] = ()
     """Input columns copied into the output, after the task's own columns."""
+    shard_rows: int = 100_000
+    """Rows per shard, the unit of work and of memory: big files are split by row groups,
+    small ones packed together. Applies to files not yet planned in the run folder."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
         cfg.task.name in TASKS,
         f"task.name is {cfg.task.name!r}; expected one of {', '.join(TASKS)}",
     )
+    need(cfg.input.shard_rows > 0, f"input.shard_rows must be > 0, got {cfg.input.shard_rows}")
     need(cfg.task.batch_size > 0, f"task.batch_size must be > 0, got {cfg.task.batch_size}")
     need(
         cfg.task.max_length is None or cfg.task.max_length > 0,

@@ -7,6 +7,7 @@ care which executor it is given.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -45,27 +46,79 @@ class DaskExecutor:
             return None
 
     def map_unordered(
-        self, fn: Callable, items: list, key: Callable[[Any], str], **kwargs: Any
+        self,
+        fn: Callable,
+        items: list,
+        key: Callable[[Any], str],
+        stop=None,
+        per_item: dict[str, Callable[[Any], Any]] | None = None,
+        **kwargs: Any,
     ) -> Iterator[tuple[Any, Any]]:
-        """Run fn(item, **kwargs) for every item; yield (item, result or exception) as they end.
+        """Run fn(item, **kwargs, **{k: f(item) for k, f in per_item}) for every item; yield
+        (item, result or exception) as each ends.
 
         A worker that dies mid-task has its task rescheduled elsewhere by the scheduler
         (`distributed.scheduler.allowed-failures` times) before it is reported as failed.
+        `stop.level` is read between completions: 1 cancels what has not started and lets
+        running tasks finish; 2 cancels everything and returns at once.
         """
         from distributed import as_completed
 
         if not items:
             return
-        futures = self.client.map(fn, items, key=[key(i) for i in items], pure=False, **kwargs)
+        per_item = per_item or {}
+        futures = [
+            self.client.submit(
+                fn,
+                item,
+                key=key(item),
+                pure=False,
+                **kwargs,
+                **{k: f(item) for k, f in per_item.items()},
+            )
+            for item in items
+        ]
         which = {f.key: item for f, item in zip(futures, items, strict=True)}
-        for fut in as_completed(futures):
-            item = which[fut.key]
-            try:
-                yield item, fut.result()
-            except Exception as e:  # the task raised, or its workers kept dying
-                yield item, e
-            finally:
-                fut.release()
+        pending = set(futures)
+        ac = as_completed(futures)
+        level = 0
+        while pending:
+            if stop is not None and stop.level > level:
+                level = stop.level
+                self._stop(pending, drain=level == 1)
+                if level >= 2:
+                    return
+            for fut in ac.next_batch(block=False) or self._wait(ac):
+                pending.discard(fut)
+                item = which[fut.key]
+                try:
+                    yield item, fut.result()
+                except (
+                    Exception,
+                    asyncio.CancelledError,
+                ) as e:  # raised, cancelled, or workers kept dying
+                    yield item, e
+                finally:
+                    fut.release()
+
+    @staticmethod
+    def _wait(ac, timeout: float = 0.2) -> list:
+        """Block briefly for the next completion, so stop requests are seen within `timeout`."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ac.has_ready():
+                return ac.next_batch(block=False)
+            time.sleep(0.02)
+        return []
+
+    def _stop(self, futures: set, drain: bool) -> None:
+        running = set()
+        if drain:
+            for keys in self.client.processing().values():
+                running.update(keys)
+        self.client.cancel([f for f in futures if f.key not in running])
 
 
 @contextmanager

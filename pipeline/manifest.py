@@ -1,8 +1,9 @@
 """The run folder: what is done, what each shard produced, and the config it is bound to.
 
     out/
-      <shard>.parquet                results, one file per input shard, named after it
-      _rejected/<shard>.parquet      rows that could not be processed, with the reason
+      part-<shard>.parquet           results, one file per shard (see plan.py)
+      _rejected/part-<shard>.parquet rows that could not be processed, with the reason
+      _manifest/plan/<gen>.json      the shards: which row groups of which files each one reads
       _manifest/run.json             fingerprint, versions, start/end, totals
       _manifest/shards/<shard>.json  one record per completed shard (written after its output)
       _SUCCESS                       written last, when every shard is complete
@@ -43,6 +44,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def exclusive_write_json(path: Path, obj: Any) -> None:
+    """Create `path` with `obj`, complete, or raise FileExistsError if another writer was first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(obj, sort_keys=True) + "\n")
+    try:
+        os.link(tmp, path)  # atomic, and fails when the name exists
+    finally:
+        tmp.unlink()
+
+
 def atomic_write_parquet(path: Path, table: pa.Table) -> str:
     """Write `table` to `path` atomically; return the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,11 +85,15 @@ class RunDir:
     def success(self) -> Path:
         return self.root / "_SUCCESS"
 
+    @property
+    def plan_dir(self) -> Path:
+        return self.manifest / "plan"
+
     def output_path(self, shard_id: str) -> Path:
-        return self.root / f"{shard_id}.parquet"
+        return self.root / f"part-{shard_id}.parquet"
 
     def rejected_path(self, shard_id: str) -> Path:
-        return self.root / "_rejected" / f"{shard_id}.parquet"
+        return self.root / "_rejected" / f"part-{shard_id}.parquet"
 
     def record_path(self, shard_id: str) -> Path:
         return self.manifest / "shards" / f"{shard_id}.json"

@@ -1,12 +1,13 @@
-"""Reading one input shard: only the needed columns, with the schema checked first.
+"""Reading one shard: the row groups of its pieces, only the needed columns, schema checked first.
 
-A file that cannot be read, or lacks the text column, or has it in the wrong type, raises an
-InputError naming the file and column; row-level problems (null or empty text, bad ids) are left
-to the runner, which rejects those rows with a reason.
+A file that cannot be read, lacks a column or has it in the wrong type raises an InputError that
+names the file and column; row-level problems (null or empty text, bad ids) are the runner's, which
+rejects those rows with a reason.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -15,79 +16,113 @@ import pyarrow.parquet as pq
 from . import schemas
 from .config import InputConfig
 from .errors import InputError
-from .plan import Shard
+from .plan import Piece, Shard, is_string_type, text_column_problem
 
 
 @dataclass
 class ShardData:
     texts: list[str | None]
     ids: list[str | None]
-    """Row keys as strings; generated '<key>:<row>' when the corpus has no id column."""
+    """Row keys as strings; '<file key>:<row>' for files without an id column."""
+    source_file: list[str]
+    row_number: list[int]
+    """Each row's file (key) and 0-based row number within that file."""
     keep: pa.Table
-    """The columns to pass through, in input row order."""
+    """The columns to pass through, in row order."""
 
 
-def _is_string(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+def _open(piece: Piece, path: str) -> pq.ParquetFile:
+    if piece.problem:
+        raise InputError(piece.problem)
+    if not path or not os.path.exists(path):
+        raise InputError(
+            f"input file {piece.key} is planned in this run folder but is no longer among the inputs; "
+            "restore it, or run into a new --output folder"
+        )
+    if os.path.getsize(path) != piece.size:
+        raise InputError(
+            f"input file {path} changed since it was planned ({piece.size} -> {os.path.getsize(path)} "
+            "bytes); a run folder never mixes versions of a file: use a new --output folder or --overwrite"
+        )
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"input file {path} is not readable Parquet ({e})") from None
+
+
+def _id_column(schema: pa.Schema, cfg: InputConfig, path: str) -> str | None:
+    ref = schemas.load("corpus").ref
+    id_col = cfg.id_column
+    if id_col is not None and id_col not in schema.names:
+        raise InputError(
+            f"input file {path} has no id column {id_col!r} (columns: {', '.join(schema.names)}); "
+            "fix --id-column, or leave it out to number rows by file and position"
+        )
+    if id_col is None and "id" in schema.names:
+        id_col = "id"
+    if id_col is not None:
+        t = schema.field(id_col).type
+        if not (is_string_type(t) or pa.types.is_integer(t)):
+            raise InputError(
+                f"column {id_col!r} is {t} in {path}; expected string or integer ids ({ref})"
+            )
+    return id_col
+
+
+def read_ids(piece: Piece, path: str, cfg: InputConfig) -> list[str | None] | None:
+    """The ids of a piece's rows, or None when its file has no id column (ids are generated)."""
+    f = _open(piece, path)
+    id_col = _id_column(f.schema_arrow, cfg, path)
+    if id_col is None:
+        return None
+    return (
+        f.read_row_groups(range(*piece.row_groups), columns=[id_col])
+        .column(0)
+        .cast(pa.string())
+        .to_pylist()
+    )
 
 
 def read_shard(shard: Shard, cfg: InputConfig) -> ShardData:
-    corpus = schemas.load("corpus")
-    try:
-        f = pq.ParquetFile(shard.path)
+    texts: list = []
+    ids: list = []
+    source_file: list[str] = []
+    row_number: list[int] = []
+    keeps: list[pa.Table] = []
+    for piece, path in zip(shard.pieces, shard.paths, strict=True):
+        f = _open(piece, path)
         schema = f.schema_arrow
-    except FileNotFoundError:
-        raise InputError(f"input file {shard.path} disappeared before it was read") from None
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"input file {shard.path} is not readable Parquet ({e})") from None
-
-    names = schema.names
-    if cfg.text_column not in names:
-        raise InputError(
-            f"input file {shard.path} has no column {cfg.text_column!r} (columns: {', '.join(names)}); "
-            f"expected the text in a string column ({corpus.ref}); name it with --text-column"
-        )
-    text_type = schema.field(cfg.text_column).type
-    if not _is_string(text_type):
-        raise InputError(
-            f"column {cfg.text_column!r} is {text_type} in {shard.path}; expected string "
-            f"({corpus.ref}); convert it or name the text column with --text-column"
-        )
-    id_col = cfg.id_column
-    if id_col is not None and id_col not in names:
-        raise InputError(
-            f"input file {shard.path} has no id column {id_col!r} (columns: {', '.join(names)}); "
-            "fix --id-column, or leave it out to number rows by file and position"
-        )
-    if id_col is None and "id" in names:
-        id_col = "id"
-    if id_col is not None:
-        id_type = schema.field(id_col).type
-        if not (_is_string(id_type) or pa.types.is_integer(id_type)):
+        problem = text_column_problem(schema, cfg.text_column, path)
+        if problem:
+            raise InputError(problem)
+        id_col = _id_column(schema, cfg, path)
+        missing = [c for c in cfg.keep_columns if c not in schema.names]
+        if missing:
             raise InputError(
-                f"column {id_col!r} is {id_type} in {shard.path}; expected string or integer ids "
-                f"({corpus.ref})"
+                f"input file {path} lacks the kept column(s) {', '.join(missing)} "
+                f"(columns: {', '.join(schema.names)}); fix --keep-column"
             )
-    missing = [c for c in cfg.keep_columns if c not in names]
-    if missing:
-        raise InputError(
-            f"input file {shard.path} lacks the kept column(s) {', '.join(missing)} "
-            f"(columns: {', '.join(names)}); fix --keep-column"
+        start, stop = piece.row_groups  # type: ignore[misc]
+        first_row = sum(f.metadata.row_group(g).num_rows for g in range(start))
+        columns = list(
+            dict.fromkeys([cfg.text_column, *([id_col] if id_col else []), *cfg.keep_columns])
         )
-
-    columns = list(
-        dict.fromkeys([cfg.text_column, *([id_col] if id_col else []), *cfg.keep_columns])
-    )
+        try:
+            table = f.read_row_groups(range(start, stop), columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"input file {path} could not be read ({e})") from None
+        n = table.num_rows
+        rows = range(first_row, first_row + n)
+        texts += table.column(cfg.text_column).cast(pa.string()).to_pylist()
+        if id_col is None:
+            ids += [f"{piece.key}:{r}" for r in rows]
+        else:
+            ids += table.column(id_col).cast(pa.string()).to_pylist()
+        source_file += [piece.key] * n
+        row_number += rows
+        keeps.append(table.select(list(cfg.keep_columns)))
     try:
-        table = f.read(columns=columns)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"input file {shard.path} could not be read ({e})") from None
-    texts = table.column(cfg.text_column).cast(pa.string()).to_pylist()
-    if id_col is None:
-        ids: list[str | None] = [f"{shard.key}:{i}" for i in range(table.num_rows)]
-    else:
-        raw = table.column(id_col)
-        ids = raw.cast(pa.string()).to_pylist()
-    return ShardData(texts=texts, ids=ids, keep=table.select(list(cfg.keep_columns)))
+        keep = pa.concat_tables(keeps, promote_options="permissive") if keeps else pa.table({})
+    except pa.ArrowException as e:
+        raise InputError(f"kept columns differ in type between {shard.sources}: {e}") from None
+    return ShardData(texts, ids, source_file, row_number, keep)

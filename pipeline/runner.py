@@ -20,7 +20,7 @@ from .config import JobConfig
 from .errors import UserError
 from .manifest import RunDir, atomic_write_json, atomic_write_parquet
 from .plan import Shard
-from .reader import read_shard
+from .reader import ShardData, read_shard
 from .tasks import get_task
 
 
@@ -53,16 +53,22 @@ def _set_threads(threads: int) -> None:
 
 
 def _validate_rows(
-    ids: list[str | None], texts: list[str | None]
+    ids: list[str | None], texts: list[str | None], duplicates: dict[int, str]
 ) -> tuple[list[int], list[tuple[int, str, str]]]:
-    """Rows a task can take, and (row, reason, detail) for the rest, in row order."""
+    """Rows a task can take, and (row, reason, detail) for the rest, in row order.
+
+    `duplicates` holds rows whose id appeared earlier in the corpus (pipeline/dedupe.py); an id
+    repeated within this shard is caught here too, so a shard run alone is still exactly-once.
+    """
     good, bad = [], []
     seen: set[str] = set()
     for i, (rid, text) in enumerate(zip(ids, texts, strict=True)):
         if rid is None:
             bad.append((i, "null_id", "the id column is null"))
+        elif i in duplicates:
+            bad.append((i, "duplicate_id", duplicates[i]))
         elif rid in seen:
-            bad.append((i, "duplicate_id", f"id {rid!r} appears earlier in this shard"))
+            bad.append((i, "duplicate_id", "the same id is earlier in this shard"))
         elif text is None:
             bad.append((i, "null_text", "the text column is null"))
         elif not text.strip():
@@ -74,13 +80,13 @@ def _validate_rows(
     return good, bad
 
 
-def _rejected_table(shard: Shard, ids, rows: list[tuple[int, str, str]]) -> pa.Table:
+def _rejected_table(data: ShardData, rows: list[tuple[int, str, str]]) -> pa.Table:
     rows = sorted(rows)
     return pa.table(
         {
-            "id": [ids[i] for i, _, _ in rows],
-            "source_file": [shard.key] * len(rows),
-            "row_number": [i for i, _, _ in rows],
+            "id": [data.ids[i] for i, _, _ in rows],
+            "source_file": [data.source_file[i] for i, _, _ in rows],
+            "row_number": [data.row_number[i] for i, _, _ in rows],
             "reason": [r for _, r, _ in rows],
             "detail": [d for _, _, d in rows],
         },
@@ -88,8 +94,16 @@ def _rejected_table(shard: Shard, ids, rows: list[tuple[int, str, str]]) -> pa.T
     )
 
 
-def run_shard(shard: Shard, job: JobConfig, fingerprint_sha: str, threads: int = 0) -> ShardResult:
+def run_shard(
+    shard: Shard,
+    job: JobConfig,
+    fingerprint_sha: str,
+    threads: int = 0,
+    duplicates: dict[int, str] | None = None,
+) -> ShardResult:
     """Process `shard` into the run folder of `job`; return its counts and timings.
+
+    `duplicates`: rows (by position in the shard) whose id appeared earlier in the corpus.
 
     A user-facing problem with the shard's file (InputError and kin) is returned as
     `ShardResult.error` so the run can finish the other shards; anything else propagates.
@@ -97,9 +111,9 @@ def run_shard(shard: Shard, job: JobConfig, fingerprint_sha: str, threads: int =
     run = RunDir.at(job.output.path)
     done = run.read_record(shard.id)
     if done is not None and done.get("fingerprint") == fingerprint_sha:
-        return ShardResult(shard=shard.id, source=shard.key, skipped=True, **_counts(done))
+        return ShardResult(shard=shard.id, source=shard.sources, skipped=True, **_counts(done))
     _set_threads(threads)
-    result = ShardResult(shard=shard.id, source=shard.key)
+    result = ShardResult(shard=shard.id, source=shard.sources)
     started = time.time()
     t0 = time.perf_counter()
     try:
@@ -110,7 +124,7 @@ def run_shard(shard: Shard, job: JobConfig, fingerprint_sha: str, threads: int =
         return result
     t1 = time.perf_counter()
 
-    good, bad = _validate_rows(data.ids, data.texts)
+    good, bad = _validate_rows(data.ids, data.texts, duplicates or {})
     out = task.process([data.texts[i] for i in good])
     kept = [good[k] for k in out.kept]
     bad += [(good[k], reason, detail) for k, reason, detail in out.rejected]
@@ -124,7 +138,7 @@ def run_shard(shard: Shard, job: JobConfig, fingerprint_sha: str, threads: int =
         for name in taken.column_names:
             table = table.append_column(taken.schema.field(name), taken.column(name))
     if bad:
-        atomic_write_parquet(run.rejected_path(shard.id), _rejected_table(shard, data.ids, bad))
+        atomic_write_parquet(run.rejected_path(shard.id), _rejected_table(data, bad))
     checksum = atomic_write_parquet(run.output_path(shard.id), table)
     t3 = time.perf_counter()
 

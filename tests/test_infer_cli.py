@@ -12,6 +12,13 @@ from conftest import run_cli, write_corpus
 from reference import pipeline_sentiment
 
 
+def output_by_id(out) -> dict[str, dict]:
+    rows = pq.read_table(out, schema=None).to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    assert len(by_id) == len(rows), "duplicate ids in the output"
+    return by_id
+
+
 def test_sentiment_over_a_folder_equals_the_reference(tmp_path, classifier):
     files = write_corpus(tmp_path / "corpus", n_files=3, rows=40)
     out = tmp_path / "out"
@@ -31,24 +38,32 @@ def test_sentiment_over_a_folder_equals_the_reference(tmp_path, classifier):
         "8",
         "--keep-column",
         "lang",
+        "--shard-rows",
+        "40",
         check=True,
     )
     assert "rows in 120 = out 120 + rejected 0" in proc.stdout
     assert (out / "_SUCCESS").exists()
 
     declared = schemas.load("sentiment").arrow
-    for f in files:
-        result = pq.read_table(out / f.name)  # one output file per input file, named after it
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == 3  # one output file per input file of shard_rows rows
+    for part in parts:
+        result = pq.read_table(part)
         assert result.schema.names == [*declared.names, "lang"]
         assert result.schema.field("probabilities").type == declared.field("probabilities").type
+        assert result.schema.field("label").type == pa.string()
+    by_id = output_by_id(out)
+    for f in files:
         source = pq.read_table(f)
-        assert result.column("id").to_pylist() == source.column("id").to_pylist()
         ref = pipeline_sentiment(classifier, source.column("text").to_pylist())
-        assert result.column("label").to_pylist() == [r[0] for r in ref]
-        assert result.column("score").to_pylist() == pytest.approx([r[1] for r in ref], abs=1e-5)
-        assert result.column("lang").to_pylist() == ["en"] * 40
-        record = json.loads((out / "_manifest" / "shards" / f"{f.stem}.json").read_text())
-        assert record["rows_in"] == 40 == record["rows_out"] and record["rows_rejected"] == 0
+        got = [by_id[i] for i in source.column("id").to_pylist()]
+        assert [g["label"] for g in got] == [r[0] for r in ref]
+        assert [g["score"] for g in got] == pytest.approx([r[1] for r in ref], abs=1e-5)
+        assert [g["lang"] for g in got] == ["en"] * 40
+    records = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
+    assert sorted(r["source"] for r in records) == [f.name for f in files]
+    assert all(r["rows_in"] == 40 == r["rows_out"] and r["rows_rejected"] == 0 for r in records)
 
 
 def test_job_file_and_generated_ids(tmp_path, classifier):
@@ -61,7 +76,7 @@ def test_job_file_and_generated_ids(tmp_path, classifier):
         '[task]\nname = "sentiment"\n[output]\npath = "out"\n[cluster]\nworkers = 1\n'
     )
     run_cli("infer", "--config", job, check=True)
-    result = pq.read_table(tmp_path / "out" / "a.parquet")
+    result = pq.read_table(tmp_path / "out")
     assert result.column("id").to_pylist() == ["a.parquet:0", "a.parquet:1", "a.parquet:2"]
 
 
@@ -83,7 +98,7 @@ def test_integer_ids_are_written_as_strings(tmp_path, classifier):
         "1",
         check=True,
     )
-    assert pq.read_table(tmp_path / "out" / "a.parquet").column("id").to_pylist() == ["7", "8"]
+    assert pq.read_table(tmp_path / "out").column("id").to_pylist() == ["7", "8"]
 
 
 def test_running_scheduler_is_used(tmp_path, classifier):
@@ -151,7 +166,7 @@ def test_text_column_of_the_wrong_type(tmp_path, classifier):
     proc = infer(tmp_path, classifier, tmp_path / "c")
     assert_clear_error(proc, "column 'text' is int64", "bad.parquet", "expected string")
     # the good file was still processed, and the run says it is incomplete
-    assert (tmp_path / "out" / "part-000.parquet").exists()
+    assert pq.read_table(tmp_path / "out").num_rows == 5
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 

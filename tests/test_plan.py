@@ -1,13 +1,25 @@
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.batching import length_sorted_batches
 from pipeline.errors import InputError
-from pipeline.plan import plan_shards
+from pipeline.plan import file_pieces, pack, plan_run, read_plan, resolve_inputs
 
 
 def touch(p):
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(b"")
+    return p
+
+
+def corpus_file(p, rows, row_group_size, text_type=pa.string()):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    values = [f"row {i}" for i in range(rows)] if text_type == pa.string() else list(range(rows))
+    texts = pa.array(values, text_type)
+    pq.write_table(pa.table({"text": texts}), p, row_group_size=row_group_size)
     return p
 
 
@@ -17,31 +29,93 @@ def test_folders_files_and_globs(tmp_path):
     touch(tmp_path / "c" / "_skip.parquet")
     touch(tmp_path / "c" / "notes.txt")
     touch(tmp_path / "d" / "x.parquet")
-    shards = plan_shards([str(tmp_path / "c"), str(tmp_path / "d" / "*.parquet")])
-    assert [s.key for s in shards] == ["a.parquet", "sub/b.parquet", "x.parquet"]
-    assert [s.id for s in shards] == ["a", "sub__b", "x"]
-    assert shards[0].path == str(a)
-    # adding a file does not rename the others' shards (incremental runs rely on it)
-    touch(tmp_path / "c" / "0first.parquet")
-    again = plan_shards([str(tmp_path / "c"), str(tmp_path / "d" / "*.parquet")])
-    assert {s.id for s in shards} < {s.id for s in again}
+    files = resolve_inputs([str(tmp_path / "c"), str(tmp_path / "d" / "*.parquet")])
+    assert list(files) == ["a.parquet", "sub/b.parquet", "x.parquet"]
+    assert files["a.parquet"] == str(a)
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        plan_shards([str(tmp_path / "nope")])
+        resolve_inputs([str(tmp_path / "nope")])
     with pytest.raises(InputError, match="matches no file"):
-        plan_shards([str(tmp_path / "*.parquet")])
+        resolve_inputs([str(tmp_path / "*.parquet")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no"):
-        plan_shards([str(tmp_path / "empty")])
+        resolve_inputs([str(tmp_path / "empty")])
 
 
 def test_name_clash_between_inputs(tmp_path):
     touch(tmp_path / "a" / "x.parquet")
     touch(tmp_path / "b" / "x.parquet")
     with pytest.raises(InputError, match="share the name"):
-        plan_shards([str(tmp_path / "a"), str(tmp_path / "b")])
+        resolve_inputs([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_a_big_file_is_split_by_row_groups(tmp_path):
+    f = corpus_file(tmp_path / "big.parquet", rows=1000, row_group_size=100)
+    pieces = file_pieces("big.parquet", str(f), "text", shard_rows=250)
+    assert [p.row_groups for p in pieces] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert sum(p.rows for p in pieces) == 1000
+    shards = pack(pieces, 250, "00000")
+    assert len(shards) == 5 and all(s.rows == 200 for s in shards)
+
+
+def test_small_files_are_packed_and_bad_files_stand_alone(tmp_path):
+    pieces = []
+    for i in range(10):
+        f = corpus_file(tmp_path / f"s{i}.parquet", rows=30, row_group_size=30)
+        pieces += file_pieces(f.name, str(f), "text", shard_rows=100)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    wrong = corpus_file(tmp_path / "wrong.parquet", rows=5, row_group_size=5, text_type=pa.int64())
+    pieces[3:3] = file_pieces("bad.parquet", str(bad), "text", 100)
+    pieces[7:7] = file_pieces("wrong.parquet", str(wrong), "text", 100)
+    assert "not readable Parquet" in pieces[3].problem and "is int64" in pieces[7].problem
+    shards = pack(pieces, 100, "00000")
+    for s in shards:
+        assert s.rows <= 100
+        assert len(s.pieces) == 1 or not any(p.problem for p in s.pieces)
+    assert len(shards) < len(pieces)
+    assert [p.key for s in shards for p in s.pieces] == [p.key for p in pieces]
+
+
+def test_plan_is_persisted_and_extended_for_new_files(tmp_path):
+    corpus, plan_dir = tmp_path / "c", tmp_path / "out" / "_manifest" / "plan"
+    for i in range(3):
+        corpus_file(corpus / f"day1-{i}.parquet", rows=10, row_group_size=10)
+    first = plan_run(plan_dir, resolve_inputs([str(corpus)]), "text", 20)
+    assert [len(s.pieces) for s in first] == [2, 1]
+    # a new file sorting *before* the others is planned anew; the old shards keep their ids and rows
+    corpus_file(corpus / "day0-late.parquet", rows=10, row_group_size=10)
+    corpus_file(corpus / "day2-0.parquet", rows=10, row_group_size=10)
+    second = plan_run(plan_dir, resolve_inputs([str(corpus)]), "text", 20)
+    assert second[: len(first)] == [s for s in second if s.id in {f.id for f in first}]
+    assert [(s.id, s.pieces) for s in second[:2]] == [(s.id, s.pieces) for s in first]
+    assert [s.id for s in second[2:]] == ["00001-00000"]
+    assert {p.key for p in second[2].pieces} == {"day0-late.parquet", "day2-0.parquet"}
+    assert read_plan(plan_dir) == [type(s)(s.id, s.pieces) for s in second]
+    # planning again changes nothing
+    assert plan_run(plan_dir, resolve_inputs([str(corpus)]), "text", 20) == second
+
+
+def test_concurrent_planners_agree(tmp_path):
+    corpus, plan_dir = tmp_path / "c", tmp_path / "out" / "_manifest" / "plan"
+    for i in range(20):
+        corpus_file(corpus / f"f{i:02d}.parquet", rows=10, row_group_size=10)
+    files = resolve_inputs([str(corpus)])
+    results = [None] * 4
+
+    def plan(k):
+        results[k] = plan_run(plan_dir, files, "text", 25)
+
+    threads = [threading.Thread(target=plan, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r == results[0] for r in results)
+    assert len(list(plan_dir.glob("*.json"))) == 1
+    assert sorted(p.key for s in results[0] for p in s.pieces) == sorted(files)
 
 
 def test_length_sorted_batches():
