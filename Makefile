@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # CPU torch for machines without a GPU; a GPU site installs its own torch and `pip install -e .`
 CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: install test lint format clean
+.PHONY: install test lint format bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ lint: install
 
 test: lint  ## lint, then the whole test suite
 	$(PY) -m pytest
+
+bench: install  ## benchmarks; figures go to bench/RESULTS.md
+	$(PY) -m bench.memory
 
 format: install
 	$(PY) -m ruff check --fix .

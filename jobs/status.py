@@ -5,10 +5,13 @@ fastserve status out/
 
 from __future__ import annotations
 
+import time
+
 import click
 
 from pipeline.errors import UserError
 from pipeline.manifest import RunDir
+from pipeline.plan import read_plan
 
 
 @click.command()
@@ -19,27 +22,44 @@ def status(output: str) -> None:
     info = run.read_run()
     if info is None:
         raise UserError(f"{output} is not a FastServe run folder (no _manifest/run.json)")
-    records = run.records()
     fp = info["fingerprint"]
+    planned = read_plan(run.plan_dir)
+    records = {k: r for k, r in run.records().items() if r.get("fingerprint") == fp["sha"]}
     rows_in = sum(r["rows_in"] for r in records.values())
     rows_out = sum(r["rows_out"] for r in records.values())
-    rejected = sum(r["rows_rejected"] for r in records.values())
+    rejected: dict[str, int] = {}
+    for r in records.values():
+        for reason, n in r["rejected_by_reason"].items():
+            rejected[reason] = rejected.get(reason, 0) + n
     model_s = sum(r["seconds"].get("model", 0) for r in records.values())
-    totals = info.get("totals", {})
+    planned_rows = sum(s.rows for s in planned)
+    runs = info.get("runs") or []
+    active = info.get("active")
+    if run.success.exists():
+        state = "complete (_SUCCESS)"
+    elif active:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(active["started"]))
+        state = f"running since {started} (pid {active['pid']} on {active['host']}), or killed then"
+    elif runs and runs[-1].get("interrupted"):
+        state = "incomplete: the last run was interrupted; rerun the same command to finish"
+    else:
+        state = "incomplete: rerun the same command to finish"
+    f = fp["fields"]
     click.echo(f"run folder   {output}")
     click.echo(
-        f"fingerprint  {fp['sha']}  (task {fp['fields']['task']}, schema {fp['fields']['schema']})"
+        f"fingerprint  {fp['sha']}  (task {f['task']}, model {f['model']}, schema {f['schema']})"
     )
+    click.echo(f"state        {state}")
+    click.echo(f"shards       {len(records)} of {len(planned)} complete")
     click.echo(
-        f"state        {'complete (_SUCCESS)' if run.success.exists() else 'incomplete or running'}"
+        f"rows         in {rows_in} of {planned_rows} planned = out {rows_out} + rejected {sum(rejected.values())}"
     )
-    click.echo(
-        f"shards       {len(records)} complete"
-        + (f" of {totals['shards']} planned" if "shards" in totals else "")
-    )
-    click.echo(f"rows         in {rows_in} = out {rows_out} + rejected {rejected}")
+    if rejected:
+        click.echo("rejected     " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
     if model_s > 0:
         click.echo(f"throughput   {rows_in / model_s:.1f} rows/s of model time")
-    last = (info.get("runs") or [{}])[-1]
-    for sid, reason in (last.get("failed") or {}).items():
+    if records:
+        last = max(r["finished"] for r in records.values())
+        click.echo(f"last shard   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")
+    for sid, reason in ((runs[-1] if runs else {}).get("failed") or {}).items():
         click.echo(f"failed       {sid}: {reason}")

@@ -64,15 +64,14 @@ def find_duplicates(
     allh = np.concatenate([h for _, h in parts])
     owner = np.concatenate([np.full(len(h), i) for i, (_, h) in enumerate(parts)])
     offset = np.concatenate([np.arange(len(h)) for _, h in parts])
-    _, first = np.unique(allh, return_index=True)
+    _, first, inverse = np.unique(allh, return_index=True, return_inverse=True)
     dup = np.ones(len(allh), dtype=bool)
     dup[first] = False
     dup |= np.isin(allh, taken)
     dup &= allh != _NULL
-    first_of = {allh[i]: i for i in first}
     out: dict[str, dict[int, str]] = {}
-    for i in np.flatnonzero(dup):
-        j = first_of[allh[i]]
+    for i in np.flatnonzero(dup):  # few, normally: details only for them
+        j = first[inverse[i]]
         if j != i:
             shard, _ = parts[owner[j]]
             detail = f"the same id is at row {offset[j]} of shard {shard.id} ({shard.sources})"

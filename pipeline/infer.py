@@ -9,6 +9,7 @@ Executor-agnostic: `executor_factory(cluster_cfg)` is a context manager giving a
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -87,6 +88,7 @@ def run_infer(
     summary = RunSummary(output=str(run.root), shards_total=len(shards), shards_skipped=len(done))
     if pending:
         run.success.unlink(missing_ok=True)
+    run.update_run(active={"started": t0, "pid": os.getpid(), "host": socket.gethostname()})
 
     token = uuid.uuid4().hex[:8]  # task keys unique to this run, even on a shared scheduler
     with executor_factory(job.cluster) as ex:
@@ -127,6 +129,7 @@ def run_infer(
         }
     )
     run.update_run(
+        active=None,
         runs=history,
         totals={
             "shards": summary.shards_total,

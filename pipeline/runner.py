@@ -21,7 +21,7 @@ from .errors import UserError
 from .manifest import RunDir, atomic_write_json, atomic_write_parquet
 from .plan import Shard
 from .reader import ShardData, read_shard
-from .tasks import get_task
+from .tasks import TaskOutput, get_task
 
 
 @dataclass
@@ -125,7 +125,12 @@ def run_shard(
     t1 = time.perf_counter()
 
     good, bad = _validate_rows(data.ids, data.texts, duplicates or {})
-    out = task.process([data.texts[i] for i in good])
+    if good:
+        out = task.process([data.texts[i] for i in good])
+    else:  # every row rejected already: nothing for the model
+        out = TaskOutput(
+            kept=[], columns={f.name: [] for f in task.schema.fields if f.name != "id"}
+        )
     kept = [good[k] for k in out.kept]
     bad += [(good[k], reason, detail) for k, reason, detail in out.rejected]
     t2 = time.perf_counter()

@@ -22,7 +22,9 @@ def classifier(tmp_path_factory) -> Path:
     return build_classifier(tmp_path_factory.mktemp("models") / "clf")
 
 
-def write_corpus(folder: Path, n_files: int, rows: int, seed: int = 0, **extra) -> list[Path]:
+def write_corpus(
+    folder: Path, n_files: int, rows: int, seed: int = 0, prefix: str = "doc"
+) -> list[Path]:
     """n_files Parquet files of `rows` rows each: id (string), text, and a `lang` column."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -30,7 +32,7 @@ def write_corpus(folder: Path, n_files: int, rows: int, seed: int = 0, **extra) 
         texts = sample_texts(rows, seed=seed + f)
         table = pa.table(
             {
-                "id": [f"doc-{f}-{i}" for i in range(rows)],
+                "id": [f"{prefix}-{f}-{i}" for i in range(rows)],
                 "text": texts,
                 "lang": ["en"] * rows,
             }
@@ -57,3 +59,38 @@ def run_cli(
             f"fastserve {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def start_cli(*args: str, env=None, **popen) -> subprocess.Popen:
+    """Start the real `fastserve` command without waiting for it."""
+    return subprocess.Popen(
+        [*FASTSERVE, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **popen,
+    )
+
+
+def wait_for(cond, timeout: float = 60, every: float = 0.05, what: str = "condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_sorted(folder: Path) -> pa.Table:
+    """Every row a run folder holds (or its _rejected/ sidecar), sorted by id for comparison."""
+    if not any(folder.glob("*.parquet")):
+        return pa.table({})
+    t = pq.read_table(folder)
+    return t.sort_by(
+        [("id", "ascending")]
+        + ([("row_number", "ascending")] if "row_number" in t.column_names else [])
+    )

@@ -15,7 +15,8 @@ def touch(p):
     return p
 
 
-def corpus_file(p, rows, row_group_size, text_type=pa.string()):
+def corpus_file(p, rows, row_group_size, text_type=None):
+    text_type = text_type or pa.string()
     p.parent.mkdir(parents=True, exist_ok=True)
     values = [f"row {i}" for i in range(rows)] if text_type == pa.string() else list(range(rows))
     texts = pa.array(values, text_type)
