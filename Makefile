@@ -11,7 +11,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,reference]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## set up .venv/ with FastServe and its test extras

@@ -25,7 +25,8 @@ import tomllib
 
 from .errors import ConfigError
 
-TASKS = ("sentiment",)
+TASKS = ("sentiment", "translate", "generate", "embed")
+POOLING = ("auto", "mean", "cls", "max")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_LONG = ("truncate", "reject")
@@ -59,13 +60,48 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "sentiment"
-    """What to run: sentiment."""
+    """What to run: sentiment, translate, generate or embed."""
     batch_size: int = 32
     """Rows per model call (rows are sorted by length first, so batches pad little)."""
     max_length: int | None = None
     """Longest input in tokens. Unset: the model's own limit."""
     on_long: str = "truncate"
     """What to do with a text over max_length: truncate (and say so in `truncated`) or reject."""
+    # generate, translate
+    max_new_tokens: int = 128
+    """Most tokens to generate per row."""
+    max_new_tokens_column: str | None = None
+    """generate: an integer input column giving each row its own max_new_tokens."""
+    do_sample: bool = False
+    """generate: sample instead of greedy decoding."""
+    temperature: float = 1.0
+    top_k: int = 0
+    """0: no top-k filtering."""
+    top_p: float = 1.0
+    seed: int = 0
+    """With do_sample: each row draws from a generator seeded by (seed, row id), so a rerun, another
+    batch size or another worker count gives the same text."""
+    stop: tuple[str, ...] = ()
+    """generate: strings that end a generation (the text ends before the first one)."""
+    num_beams: int = 1
+    """translate: beam width (1 is greedy)."""
+    source_lang: str | None = None
+    """translate: source language code, for tokenizers that take one (mBART, NLLB: e.g. eng_Latn)."""
+    target_lang: str | None = None
+    """translate: target language code, forced as the first generated token where the model uses one."""
+    target_lang_column: str | None = None
+    """translate: an input column giving each row its own target language."""
+    prefix: str = ""
+    """translate: text put before every input (T5: 'translate English to German: ')."""
+    # embed
+    pooling: str = "auto"
+    """embed: auto (the folder's sentence-transformers pooling, else mean), mean, cls or max."""
+    normalize: bool | None = None
+    """embed: L2-normalise. Unset: as the folder's sentence-transformers modules say, else no."""
+
+    def input_columns(self) -> tuple[str, ...]:
+        """Input columns this task reads besides the text."""
+        return tuple(c for c in (self.max_new_tokens_column, self.target_lang_column) if c)
 
 
 @dataclass(frozen=True)
@@ -105,7 +141,10 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        inner = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(
+            inner, str(inner)
+        )
     return {str: "a string", int: "an integer", bool: "true or false", float: "a number"}.get(
         tp, str(tp)
     )
@@ -125,7 +164,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
         (inner, _) = typing.get_args(tp)
-        return tuple(_coerce(v, inner, key, where) for v in value)
+        try:
+            return tuple(_coerce(v, inner, key, where) for v in value)
+        except ConfigError:
+            raise ConfigError(
+                f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}"
+            ) from None
     ok = {
         str: isinstance(value, str),
         bool: isinstance(value, bool),
@@ -230,6 +274,15 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     need(
         cfg.model.dtype in DTYPES,
         f"model.dtype is {cfg.model.dtype!r}; expected one of {', '.join(DTYPES)}",
+    )
+    t = cfg.task
+    need(t.max_new_tokens >= 0, f"task.max_new_tokens must be >= 0, got {t.max_new_tokens}")
+    need(t.num_beams >= 1, f"task.num_beams must be >= 1, got {t.num_beams}")
+    need(t.temperature > 0, f"task.temperature must be > 0, got {t.temperature}")
+    need(0 < t.top_p <= 1, f"task.top_p must be in (0, 1], got {t.top_p}")
+    need(t.top_k >= 0, f"task.top_k must be >= 0, got {t.top_k}")
+    need(
+        t.pooling in POOLING, f"task.pooling is {t.pooling!r}; expected one of {', '.join(POOLING)}"
     )
     need(cfg.cluster.workers > 0, f"cluster.workers must be > 0, got {cfg.cluster.workers}")
     need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__, schemas
@@ -31,10 +32,13 @@ def model_identity(path: str) -> str:
 
 def fingerprint(job: JobConfig) -> dict:
     """{'sha': identity, 'fields': what it was computed from} for `job`."""
+    task = {
+        f"task.{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(job.task).items()
+    }
+    task.pop("task.batch_size")  # how rows are grouped, not what they become
     fields = {
-        "task": job.task.name,
-        "task.max_length": job.task.max_length,
-        "task.on_long": job.task.on_long,
+        "task": task.pop("task.name"),
+        **task,
         "model": model_identity(job.model.path),
         "model.dtype": job.model.dtype,
         "input.text_column": job.input.text_column,

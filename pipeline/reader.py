@@ -29,6 +29,8 @@ class ShardData:
     """Each row's file (key) and 0-based row number within that file."""
     keep: pa.Table
     """The columns to pass through, in row order."""
+    extra: dict[str, list]
+    """Columns the task reads besides the text (TaskConfig.input_columns()), as Python lists."""
 
 
 def _open(piece: Piece, path: str) -> pq.ParquetFile:
@@ -83,12 +85,14 @@ def read_ids(piece: Piece, path: str, cfg: InputConfig) -> list[str | None] | No
     )
 
 
-def read_shard(shard: Shard, cfg: InputConfig) -> ShardData:
+def read_shard(shard: Shard, cfg: InputConfig, task_columns: tuple[str, ...] = ()) -> ShardData:
+    """The rows of `shard`: text, ids, kept columns and the columns the task needs."""
     texts: list = []
     ids: list = []
     source_file: list[str] = []
     row_number: list[int] = []
     keeps: list[pa.Table] = []
+    extra: dict[str, list] = {c: [] for c in task_columns}
     for piece, path in zip(shard.pieces, shard.paths, strict=True):
         f = _open(piece, path)
         schema = f.schema_arrow
@@ -102,11 +106,16 @@ def read_shard(shard: Shard, cfg: InputConfig) -> ShardData:
                 f"input file {path} lacks the kept column(s) {', '.join(missing)} "
                 f"(columns: {', '.join(schema.names)}); fix --keep-column"
             )
+        lacking = [c for c in task_columns if c not in schema.names]
+        if lacking:
+            raise InputError(
+                f"input file {path} lacks the column(s) {', '.join(lacking)} that the task's options "
+                f"name (task.max_new_tokens_column / task.target_lang_column); columns: {', '.join(schema.names)}"
+            )
         start, stop = piece.row_groups  # type: ignore[misc]
         first_row = sum(f.metadata.row_group(g).num_rows for g in range(start))
-        columns = list(
-            dict.fromkeys([cfg.text_column, *([id_col] if id_col else []), *cfg.keep_columns])
-        )
+        wanted = [cfg.text_column, *([id_col] if id_col else []), *cfg.keep_columns, *task_columns]
+        columns = list(dict.fromkeys(wanted))
         try:
             table = f.read_row_groups(range(start, stop), columns=columns)
         except (pa.ArrowException, OSError) as e:
@@ -121,8 +130,10 @@ def read_shard(shard: Shard, cfg: InputConfig) -> ShardData:
         source_file += [piece.key] * n
         row_number += rows
         keeps.append(table.select(list(cfg.keep_columns)))
+        for c in task_columns:
+            extra[c] += table.column(c).to_pylist()
     try:
         keep = pa.concat_tables(keeps, promote_options="permissive") if keeps else pa.table({})
     except pa.ArrowException as e:
         raise InputError(f"kept columns differ in type between {shard.sources}: {e}") from None
-    return ShardData(texts, ids, source_file, row_number, keep)
+    return ShardData(texts, ids, source_file, row_number, keep, extra)

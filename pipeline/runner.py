@@ -117,7 +117,7 @@ def run_shard(
     started = time.time()
     t0 = time.perf_counter()
     try:
-        data = read_shard(shard, job.input)
+        data = read_shard(shard, job.input, job.task.input_columns())
         task = get_task(job.model, job.task)
     except UserError as e:
         result.error = str(e)
@@ -126,7 +126,11 @@ def run_shard(
 
     good, bad = _validate_rows(data.ids, data.texts, duplicates or {})
     if good:
-        out = task.process([data.texts[i] for i in good])
+        out = task.process(
+            [data.texts[i] for i in good],
+            [data.ids[i] for i in good],
+            {c: [v[i] for i in good] for c, v in data.extra.items()},
+        )
     else:  # every row rejected already: nothing for the model
         out = TaskOutput(
             kept=[], columns={f.name: [] for f in task.schema.fields if f.name != "id"}

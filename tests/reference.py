@@ -17,3 +17,63 @@ def pipeline_sentiment(model_dir, texts, truncation=False, max_length=None):
         every = pipe(t, top_k=None, **kwargs)
         out.append((top["label"], top["score"], {d["label"]: d["score"] for d in every}))
     return out
+
+
+def hf_generate(model_dir, prompts, max_new_tokens, **kwargs):
+    """[(new token ids up to eos, exclusive)] from `model.generate()` called one row at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    eos = model.generation_config.eos_token_id
+    out = []
+    for p, n in zip(prompts, max_new_tokens, strict=True):
+        enc = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            seq = model.generate(
+                **enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, **kwargs
+            )
+        new = seq[0, enc["input_ids"].shape[1] :].tolist()
+        out.append(new[: new.index(eos)] if eos in new else new)
+    return out
+
+
+def hf_translate(model_dir, texts, num_beams=1, max_new_tokens=20, target_langs=None):
+    """[translation token ids, specials removed] from `model.generate()` one row at a time."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    out = []
+    for i, t in enumerate(texts):
+        enc = tok(t, return_tensors="pt")
+        kwargs = {}
+        if target_langs:
+            kwargs["forced_bos_token_id"] = tok.convert_tokens_to_ids(target_langs[i])
+        with torch.no_grad():
+            seq = model.generate(
+                **enc, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False, **kwargs
+            )
+        out.append([x for x in seq[0].tolist() if x not in tok.all_special_ids])
+    return out
+
+
+def hf_embed(model_dir, texts, pooling="mean", normalize=False, max_length=None):
+    """Pooled embeddings from AutoModel, one row at a time."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    out = []
+    for t in texts:
+        enc = tok(t, return_tensors="pt", truncation=max_length is not None, max_length=max_length)
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state[0]
+        v = {"mean": h.mean(0), "cls": h[0], "max": h.max(0).values}[pooling]
+        if normalize:
+            v = v / v.norm()
+        out.append(v.tolist())
+    return out

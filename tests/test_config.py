@@ -56,15 +56,23 @@ def test_unknown_table(tmp_path):
         ({"task": {"batch_size": "big"}}, None, "task.batch_size' must be an integer"),
         ({"task": {"batch_size": True}}, None, "task.batch_size' must be an integer"),
         ({"output": {"overwrite": "yes"}}, None, "output.overwrite' must be true or false"),
-        ({"input": {"keep_columns": 3}}, None, "input.keep_columns' must be a list of a string"),
+        ({"input": {"keep_columns": 3}}, None, "input.keep_columns' must be a list of strings"),
         ({"task": {"batch_size": 0}}, None, "task.batch_size must be > 0"),
         ({"task": {"name": "summarise"}}, None, "task.name is 'summarise'"),
         ({"model": {"device": "tpu"}}, None, "model.device is 'tpu'"),
+        ({"task": {"top_p": 0.0}}, None, "task.top_p must be in"),
+        ({"task": {"temperature": 1}}, None, None),
+        ({"task": {"pooling": "sum"}}, None, "task.pooling is 'sum'"),
+        ({"task": {"stop": ["\n", 3]}}, None, "task.stop' must be a list of strings"),
     ],
 )
 def test_wrong_types_and_values_name_the_key(table, value, match):
+    overrides = {**BASE, **{k: {**BASE.get(k, {}), **v} for k, v in table.items()}}
+    if match is None:  # accepted (an integer where a float is asked is fine)
+        load_job(None, overrides)
+        return
     with pytest.raises(ConfigError, match=match):
-        load_job(None, {**BASE, **{k: {**BASE.get(k, {}), **v} for k, v in table.items()}})
+        load_job(None, overrides)
 
 
 def test_missing_required_settings():

@@ -70,3 +70,178 @@ def build_classifier(folder: Path, num_labels: int = 3, seed: int = 0) -> Path:
     model = BertForSequenceClassification(cfg)
     model.save_pretrained(folder)
     return folder
+
+
+def build_bpe_tokenizer(
+    folder: Path, specials: list[str], model_max_length: int = 128, template: bool = False
+):
+    """A byte-level BPE tokenizer (GPT-2 style) saved as tokenizer.json + tokenizer_config.json.
+
+    `specials[0]` is padding, `specials[1]` bos, `specials[2]` eos; with `template`, every encoded
+    text is wrapped as `bos … eos` (BART style)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(sample_texts(300), trainer)
+    pad, bos, eos = specials[:3]
+    if template:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}",
+            special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))],
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=pad,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=None,
+        additional_special_tokens=specials[3:] or None,
+        model_max_length=model_max_length,
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_gpt2(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 causal LM; eos is <|endoftext|>, as in GPT-2."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = build_bpe_tokenizer(folder, ["<pad>", "<|endoftext|>", "<|endoftext|>"])
+    torch.manual_seed(seed)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.2,
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def build_bart(folder: Path, seed: int = 0, languages: tuple[str, ...] = ()) -> Path:
+    """A 1+1-layer BART translation model; `languages` become special tokens (mBART-style codes)."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tok = build_bpe_tokenizer(folder, ["<pad>", "<s>", "</s>", "<unk>", *languages], template=True)
+    torch.manual_seed(seed)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>")}
+    cfg = BartConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        decoder_start_token_id=ids["</s>"],
+        forced_eos_token_id=None,
+        init_std=0.3,
+    )
+    model = BartForConditionalGeneration(cfg)
+    model.generation_config.forced_bos_token_id = None
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_encoder(
+    folder: Path, seed: int = 0, st_pooling: str | None = None, st_normalize: bool = False
+) -> Path:
+    """A 2-layer BERT encoder; with `st_pooling`, laid out as a sentence-transformers folder."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    if st_pooling:
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(
+            json.dumps(
+                {
+                    "word_embedding_dimension": 32,
+                    "pooling_mode_cls_token": st_pooling == "cls",
+                    "pooling_mode_mean_tokens": st_pooling == "mean",
+                    "pooling_mode_max_tokens": st_pooling == "max",
+                }
+            )
+        )
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+        ]
+        if st_normalize:
+            modules.append(
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize",
+                }
+            )
+        (folder / "modules.json").write_text(json.dumps(modules))
+        (folder / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": 48, "do_lower_case": False})
+        )
+    return folder
+
+
+def build_fastserve_gpt(folder: Path, seed: int = 0) -> Path:
+    """A FastServe GPT checkpoint (fastserve.json + model.safetensors + tokenizer.json)."""
+    import torch
+
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.gpt import GPT, GPTConfig
+
+    tok_dir = folder.parent / f"{folder.name}-tokenizer"
+    tok = build_bpe_tokenizer(tok_dir, ["<pad>", "<|endoftext|>", "<|endoftext|>"])
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=len(tok), block_size=96, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # wider weights than training's init, so greedy text varies by prompt
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return save_checkpoint(
+        folder,
+        model,
+        tok_dir / "tokenizer.json",
+        {"pad": "<pad>", "eos": "<|endoftext|>", "bos": "<|endoftext|>"},
+    )

@@ -1,0 +1,41 @@
+"""Models loaded once per process: Hugging Face folders and FastServe's own checkpoints."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from ..errors import ModelError
+from .hf import KIND_NAMES, LoadedModel, check_checkpoint, load_hf, resolve_device, resolve_dtype
+
+# FastServe checkpoint archs by the kind of model they are.
+_FASTSERVE_KINDS = {"gpt": "causal-lm"}
+
+
+def check_model_folder(path: str, kind: str) -> None:
+    """Fail early, without loading weights, when `path` cannot serve as a model of `kind`."""
+    from .checkpoint import is_checkpoint, read_meta
+
+    if is_checkpoint(path):
+        arch = read_meta(path)["arch"]
+        if _FASTSERVE_KINDS.get(arch) != kind:
+            raise ModelError(
+                f"model folder {path} holds a FastServe {arch} checkpoint; the task needs {KIND_NAMES[kind]}"
+            )
+        return
+    check_checkpoint(path, kind)
+
+
+@cache
+def load_model(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """The model at `path` as a `kind`, loaded once per process."""
+    from .checkpoint import is_checkpoint, load_checkpoint
+
+    check_model_folder(path, kind)
+    if not is_checkpoint(path):
+        return load_hf(path, kind, device, dtype)
+    dev = resolve_device(device)
+    model, tokenizer, meta = load_checkpoint(path, dev, resolve_dtype(dtype, dev))
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, path=path, backend="fastserve")
+
+
+__all__ = ["LoadedModel", "check_model_folder", "load_model"]

@@ -20,8 +20,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Which architectures suit which model kind: the suffix of `config.architectures`.
-_KIND_SUFFIX = {"sequence-classification": "ForSequenceClassification"}
+# What each model kind is, in words for errors, and how to tell it from config.json.
+KIND_NAMES = {
+    "sequence-classification": "a sequence classifier (*ForSequenceClassification)",
+    "causal-lm": "a causal language model (*ForCausalLM, *LMHeadModel)",
+    "seq2seq-lm": "an encoder-decoder model (*ForConditionalGeneration: Marian, T5, BART, mBART, NLLB)",
+    "encoder": "an encoder (BERT-like, sentence-transformers)",
+}
+
+
+def _fits(kind: str, config: dict) -> bool:
+    archs = config.get("architectures") or []
+    enc_dec = bool(config.get("is_encoder_decoder"))
+    if kind == "sequence-classification":
+        return any(a.endswith("ForSequenceClassification") for a in archs)
+    if kind == "causal-lm":
+        return not enc_dec and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if kind == "seq2seq-lm":
+        return enc_dec
+    if kind == "encoder":
+        return not enc_dec and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    raise ValueError(kind)
 
 
 @dataclass
@@ -30,6 +49,8 @@ class LoadedModel:
     tokenizer: Any
     device: Any
     path: str
+    backend: str = "hf"
+    """hf (a transformers model) or fastserve (models/checkpoint.py)."""
 
 
 def resolve_device(device: str):
@@ -73,12 +94,11 @@ def read_model_config(path: str) -> dict:
 def check_checkpoint(path: str, kind: str) -> dict:
     """Check, without loading weights, that `path` holds a checkpoint of `kind`; its config."""
     config = read_model_config(path)
-    suffix = _KIND_SUFFIX[kind]
-    archs = config.get("architectures") or []
-    if not any(a.endswith(suffix) for a in archs):
+    if not _fits(kind, config):
+        archs = config.get("architectures") or []
         raise ModelError(
             f"model folder {path} holds {', '.join(archs) or 'an unnamed architecture'}; "
-            f"the task needs a *{suffix} checkpoint (a {kind} model)"
+            f"the task needs {KIND_NAMES[kind]}"
         )
     return config
 
@@ -87,13 +107,24 @@ def check_checkpoint(path: str, kind: str) -> dict:
 def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load the checkpoint at `path` as a model of `kind`, once per process (cached)."""
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     check_checkpoint(path, kind)
     dev = resolve_device(device)
-    auto = {"sequence-classification": AutoModelForSequenceClassification}[kind]
+    auto = {
+        "sequence-classification": AutoModelForSequenceClassification,
+        "causal-lm": AutoModelForCausalLM,
+        "seq2seq-lm": AutoModelForSeq2SeqLM,
+        "encoder": AutoModel,
+    }[kind]
     try:
         model, info = auto.from_pretrained(
             path,
@@ -105,7 +136,7 @@ def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the checkpoint in {path}: {e}") from None
-    if info.get("missing_keys"):
+    if info.get("missing_keys") and kind != "encoder":  # an encoder may drop a head, never gain one
         missing = ", ".join(sorted(info["missing_keys"])[:5])
         raise ModelError(
             f"model folder {path} lacks weights the {kind} model needs ({missing}); "

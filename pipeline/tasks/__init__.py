@@ -7,27 +7,38 @@ from functools import cache
 from ..config import ModelConfig, TaskConfig
 from .base import Task, TaskOutput
 
-__all__ = ["Task", "TaskOutput", "check_model", "get_task", "output_schema"]
+__all__ = ["MODEL_KINDS", "Task", "TaskOutput", "check_model", "get_task", "output_schema"]
 
-# Which kind of checkpoint each task needs (see models/hf.py).
-MODEL_KINDS = {"sentiment": "sequence-classification"}
+# Which kind of model each task needs (see models/hf.py KIND_NAMES).
+MODEL_KINDS = {
+    "sentiment": "sequence-classification",
+    "translate": "seq2seq-lm",
+    "generate": "causal-lm",
+    "embed": "encoder",
+}
 
 
 def check_model(model_cfg: ModelConfig, task_cfg: TaskConfig) -> None:
     """Fail early, on the client and without loading weights, when the model folder is unfit."""
-    from ..models.hf import check_checkpoint
+    from ..models import check_model_folder
 
-    check_checkpoint(model_cfg.path, MODEL_KINDS[task_cfg.name])
+    check_model_folder(model_cfg.path, MODEL_KINDS[task_cfg.name])
 
 
 @cache
 def get_task(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Task:
     """The task named by `task_cfg`, with its model loaded; cached so a worker loads it once."""
     if task_cfg.name == "sentiment":
-        from .sentiment import SentimentTask
-
-        return SentimentTask(model_cfg, task_cfg)
-    raise ValueError(f"unknown task {task_cfg.name!r}")
+        from .sentiment import SentimentTask as cls
+    elif task_cfg.name == "translate":
+        from .translate import TranslateTask as cls
+    elif task_cfg.name == "generate":
+        from .generate import GenerateTask as cls
+    elif task_cfg.name == "embed":
+        from .embed import EmbedTask as cls
+    else:
+        raise ValueError(f"unknown task {task_cfg.name!r}")
+    return cls(model_cfg, task_cfg)
 
 
 def output_schema(task_name: str):

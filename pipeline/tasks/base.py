@@ -29,4 +29,7 @@ class Task(Protocol):
     name: str
     schema: TableSchema
 
-    def process(self, texts: list[str]) -> TaskOutput: ...
+    def process(self, texts: list[str], ids: list[str], extra: dict[str, list]) -> TaskOutput:
+        """`ids`: the rows' ids (seeds for sampling); `extra`: the columns of
+        `TaskConfig.input_columns()`, aligned with `texts`."""
+        ...

@@ -11,7 +11,7 @@ import torch
 from .. import schemas
 from ..batching import length_sorted_batches
 from ..config import ModelConfig, TaskConfig
-from ..models.hf import load_hf
+from ..models import load_model
 from . import MODEL_KINDS
 from .base import TaskOutput
 from .encoding import encode, model_max_length, pad_batch
@@ -23,7 +23,7 @@ class SentimentTask:
     def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
         self.schema = schemas.load("sentiment", 1)
         self.cfg = task_cfg
-        self.loaded = load_hf(
+        self.loaded = load_model(
             model_cfg.path, MODEL_KINDS["sentiment"], model_cfg.device, model_cfg.dtype
         )
         config = self.loaded.model.config
@@ -44,7 +44,7 @@ class SentimentTask:
             return torch.sigmoid(logits)
         return logits
 
-    def process(self, texts: list[str]) -> TaskOutput:
+    def process(self, texts: list[str], ids=None, extra=None) -> TaskOutput:
         tok = self.loaded.tokenizer
         enc = encode(tok, texts, self.max_length)
         rejected = []

@@ -1,0 +1,207 @@
+"""Token-by-token decoding with a KV cache, for Hugging Face causal LMs and FastServe's GPT.
+
+One loop serves both through a small adapter (prefill / step / keep). Rows are left-padded; a row
+that finishes (eos, a stop string, its token limit) leaves the batch at once, so the rest step
+cheaper. Sampling draws from a generator seeded by (seed, row id): a row's sample does not depend
+on which rows share its batch, or on the worker it runs on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when `do_sample` is false; else temperature, then top-k, then top-p (as HF orders them)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def row_generator(seed: int, row_id: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}\0{row_id}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def next_tokens(
+    logits: torch.Tensor, s: Sampling, gens: list[torch.Generator] | None
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if not s.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(s.temperature, 1e-6)
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - s.top_p)
+        drop[:, -1] = False  # keep at least one token
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    probs = logits.softmax(dim=-1).cpu()
+    assert gens is not None
+    return torch.stack(
+        [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(gens)]
+    ).to(logits.device)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, longest - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFCausalLM:
+    """A transformers causal LM behind the decoding interface (DynamicCache, left padding)."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    def prefill(self, rows: list[list[int]], pad_id: int):
+        from transformers import DynamicCache
+
+        ids, mask = left_pad(rows, pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1], {
+            "cache": out.past_key_values,
+            "mask": mask,
+            "pos": positions[:, -1],
+        }
+
+    def step(self, tokens: torch.Tensor, st: dict):
+        st["mask"] = torch.cat([st["mask"], st["mask"].new_ones((len(tokens), 1))], dim=1)
+        st["pos"] = st["pos"] + 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=st["mask"],
+            position_ids=st["pos"][:, None],
+            past_key_values=st["cache"],
+            use_cache=True,
+        )
+        st["cache"] = out.past_key_values
+        return out.logits[:, -1], st
+
+    def keep(self, st: dict, rows: torch.Tensor) -> dict:
+        st["cache"].batch_select_indices(rows)
+        st["mask"], st["pos"] = st["mask"][rows], st["pos"][rows]
+        return st
+
+
+class GPTCausalLM:
+    """FastServe's GPT (models/gpt.py) behind the decoding interface."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    @staticmethod
+    def _mask(keys: torch.Tensor, t: int) -> torch.Tensor:
+        """(B, 1, t, S) allowed-attention mask: key not padding, and not in the future."""
+        S = keys.shape[1]
+        causal = torch.ones((t, S), dtype=torch.bool, device=keys.device).tril(diagonal=S - t)
+        return keys.bool()[:, None, None, :] & causal[None, None]
+
+    def prefill(self, rows: list[list[int]], pad_id: int):
+        ids, mask = left_pad(rows, pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, caches = self.model.forward_cached(
+            ids, positions, self._mask(mask, ids.shape[1]), None
+        )
+        return logits, {"cache": caches, "mask": mask, "pos": positions[:, -1]}
+
+    def step(self, tokens: torch.Tensor, st: dict):
+        st["mask"] = torch.cat([st["mask"], st["mask"].new_ones((len(tokens), 1))], dim=1)
+        st["pos"] = st["pos"] + 1
+        logits, st["cache"] = self.model.forward_cached(
+            tokens[:, None], st["pos"][:, None], self._mask(st["mask"], 1), st["cache"]
+        )
+        return logits, st
+
+    def keep(self, st: dict, rows: torch.Tensor) -> dict:
+        st["cache"] = [(k[rows], v[rows]) for k, v in st["cache"]]
+        st["mask"], st["pos"] = st["mask"][rows], st["pos"][rows]
+        return st
+
+
+@dataclass
+class Generated:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    """eos, stop (a stop string was produced; the text ends before it) or length."""
+
+
+def generate(
+    lm,
+    tokenizer,
+    prompts: list[list[int]],
+    ids: list[str],
+    max_new_tokens: list[int],
+    sampling: Sampling,
+    eos_ids: set[int],
+    stop: tuple[str, ...] = (),
+) -> list[Generated]:
+    """Decode every prompt (token ids) to completion, in one batch; results in input order."""
+    n = len(prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
+    gens = [row_generator(sampling.seed, i) for i in ids] if sampling.do_sample else None
+    out: list[list[int]] = [[] for _ in range(n)]
+    result: list[Generated | None] = [None] * n
+    live = [i for i in range(n) if max_new_tokens[i] > 0]
+    for i in range(n):
+        if max_new_tokens[i] <= 0:
+            result[i] = Generated([], "", "length")
+    if not live:
+        return result  # type: ignore[return-value]
+    logits, st = lm.prefill([prompts[i] for i in live], pad)
+    while live:
+        toks = next_tokens(logits, sampling, [gens[i] for i in live] if gens else None).tolist()
+        still = []
+        for j, (i, t) in enumerate(zip(live, toks, strict=True)):
+            reason = None
+            if t in eos_ids:
+                reason = "eos"
+            else:
+                out[i].append(t)
+                if stop:
+                    text = tokenizer.decode(out[i], skip_special_tokens=True)
+                    cut = min((text.find(s) for s in stop if s in text), default=-1)
+                    if cut >= 0:
+                        result[i] = Generated(out[i], text[:cut], "stop")
+                        continue
+                if len(out[i]) >= max_new_tokens[i]:
+                    reason = "length"
+            if reason:
+                result[i] = Generated(
+                    out[i], tokenizer.decode(out[i], skip_special_tokens=True), reason
+                )
+            else:
+                still.append(j)
+        if not still:
+            break
+        if len(still) < len(live):
+            keep = torch.tensor(still, device=logits.device)
+            st = lm.keep(st, keep)
+            live = [live[j] for j in still]
+            toks = [toks[j] for j in still]
+        logits, st = lm.step(torch.tensor(toks, device=logits.device), st)
+    return result  # type: ignore[return-value]

@@ -1,0 +1,118 @@
+"""embed: a fixed-size float32 vector per row from an encoder, with the model's pooling.
+
+A sentence-transformers folder (modules.json, 1_Pooling/config.json, sentence_bert_config.json)
+is read for its pooling mode, normalisation and max sequence length, so the vectors equal
+`SentenceTransformer.encode`; a plain encoder folder gets mean pooling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .. import schemas
+from ..batching import length_sorted_batches
+from ..config import ModelConfig, TaskConfig
+from ..models import load_model
+from . import MODEL_KINDS
+from .base import TaskOutput
+from .encoding import encode, model_max_length, pad_batch
+
+
+def sentence_transformers_settings(path: str) -> dict:
+    """pooling, normalize and max_length as a sentence-transformers folder declares them."""
+    root, out = Path(path), {}
+    pool = root / "1_Pooling" / "config.json"
+    if pool.is_file():
+        cfg = json.loads(pool.read_text())
+        for mode in ("cls", "max", "mean"):
+            if cfg.get(
+                f"pooling_mode_{mode}_token" if mode != "mean" else "pooling_mode_mean_tokens"
+            ):
+                out["pooling"] = mode
+                break
+    modules = root / "modules.json"
+    if modules.is_file():
+        out["normalize"] = any(
+            m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text())
+        )
+    sbert = root / "sentence_bert_config.json"
+    if sbert.is_file():
+        n = json.loads(sbert.read_text()).get("max_seq_length")
+        if n:
+            out["max_length"] = int(n)
+    return out
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, T, C) hidden states, (B, T) mask -> (B, C)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+class EmbedTask:
+    name = "embed"
+
+    def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
+        self.schema = schemas.load("embed", 1)
+        self.cfg = task_cfg
+        self.loaded = load_model(
+            model_cfg.path, MODEL_KINDS["embed"], model_cfg.device, model_cfg.dtype
+        )
+        st = sentence_transformers_settings(model_cfg.path)
+        self.pooling = task_cfg.pooling if task_cfg.pooling != "auto" else st.get("pooling", "mean")
+        self.normalize = (
+            task_cfg.normalize if task_cfg.normalize is not None else st.get("normalize", False)
+        )
+        limit = model_max_length(self.loaded.tokenizer, self.loaded.model.config)
+        self.max_length = task_cfg.max_length or min(st.get("max_length", limit), limit)
+
+    def process(self, texts: list[str], ids=None, extra=None) -> TaskOutput:
+        tok = self.loaded.tokenizer
+        enc = encode(tok, texts, self.max_length)
+        todo = list(range(len(texts)))
+        rejected = []
+        if self.cfg.on_long == "reject":
+            rejected = [
+                (i, "too_long", f"longer than {self.max_length} tokens (task.on_long=reject)")
+                for i in todo
+                if enc.truncated[i]
+            ]
+            todo = [i for i in todo if not enc.truncated[i]]
+        dim = self.loaded.model.config.hidden_size
+        vectors = np.zeros((len(texts), dim), dtype=np.float32)
+        with torch.inference_mode():
+            for batch in length_sorted_batches([enc.lengths[i] for i in todo], self.cfg.batch_size):
+                rows = [todo[b] for b in batch]
+                inputs = pad_batch(
+                    [enc.features[i] for i in rows],
+                    tok.pad_token_id or 0,
+                    tok.padding_side,
+                    self.loaded.device,
+                )
+                hidden = self.loaded.model(**inputs).last_hidden_state
+                v = pool(hidden.float(), inputs["attention_mask"], self.pooling)
+                if self.normalize:
+                    v = torch.nn.functional.normalize(v, p=2, dim=1)
+                vectors[rows] = v.cpu().numpy()
+        kept = sorted(todo)
+        flat = pa.array(vectors[kept].reshape(-1), type=pa.float32())
+        column = pa.FixedSizeListArray.from_arrays(flat, dim).cast(pa.list_(pa.float32()))
+        return TaskOutput(
+            kept=kept,
+            columns={
+                "embedding": column,
+                "tokens": [enc.lengths[i] for i in kept],
+                "truncated": [enc.truncated[i] for i in kept],
+            },
+            rejected=rejected,
+            tokens=sum(enc.lengths[i] for i in kept),
+        )

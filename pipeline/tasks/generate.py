@@ -1,0 +1,119 @@
+"""generate: prompt in, continuation out, for causal LMs (Hugging Face or FastServe GPT).
+
+Greedy by default; sampling with temperature / top-k / top-p and a per-row seed. The prompt is
+tokenized as `tokenizer(prompt)` does (special tokens included), so greedy output equals
+`model.generate()` on that row alone.
+"""
+
+from __future__ import annotations
+
+from .. import schemas
+from ..batching import length_sorted_batches
+from ..config import ModelConfig, TaskConfig
+from ..models import load_model
+from ..models.decoding import GPTCausalLM, HFCausalLM, Sampling, generate
+from . import MODEL_KINDS
+from .base import TaskOutput
+
+
+def context_length(loaded) -> int:
+    cfg = loaded.model.config
+    for attr in ("block_size", "max_position_embeddings", "n_positions", "n_ctx"):
+        n = getattr(cfg, attr, None)
+        if n:
+            return int(n)
+    return 2048
+
+
+def eos_ids(loaded) -> set[int]:
+    ids = set()
+    gen = getattr(loaded.model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), loaded.tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(src)
+    return ids
+
+
+class GenerateTask:
+    name = "generate"
+
+    def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
+        self.schema = schemas.load("generate", 1)
+        self.cfg = task_cfg
+        self.loaded = load_model(
+            model_cfg.path, MODEL_KINDS["generate"], model_cfg.device, model_cfg.dtype
+        )
+        adapter = GPTCausalLM if self.loaded.backend == "fastserve" else HFCausalLM
+        self.lm = adapter(self.loaded.model, self.loaded.device)
+        self.context = context_length(self.loaded)
+        self.eos = eos_ids(self.loaded)
+        self.sampling = Sampling(
+            task_cfg.do_sample, task_cfg.temperature, task_cfg.top_k, task_cfg.top_p, task_cfg.seed
+        )
+
+    def process(self, texts: list[str], ids: list[str], extra: dict[str, list]) -> TaskOutput:
+        import torch
+
+        cfg, tok = self.cfg, self.loaded.tokenizer
+        limits = [cfg.max_new_tokens] * len(texts)
+        rejected = []
+        if cfg.max_new_tokens_column:
+            for i, v in enumerate(extra[cfg.max_new_tokens_column]):
+                if v is None or not isinstance(v, int) or v < 0:
+                    rejected.append(
+                        (
+                            i,
+                            "bad_value",
+                            f"{cfg.max_new_tokens_column}={v!r}; expected an integer >= 0",
+                        )
+                    )
+                else:
+                    limits[i] = v
+        bad = {i for i, _, _ in rejected}
+        prompts = tok(texts, add_special_tokens=True)["input_ids"]
+        truncated = [False] * len(texts)
+        for i, p in enumerate(prompts):
+            room = cfg.max_length or self.context - limits[i]
+            if len(p) > room and i not in bad:
+                if cfg.on_long == "reject" or room <= 0:
+                    rejected.append(
+                        (
+                            i,
+                            "too_long",
+                            f"prompt of {len(p)} tokens leaves no room for {limits[i]} new ones in {self.context}",
+                        )
+                    )
+                    bad.add(i)
+                else:  # keep the end of the prompt: it is what the continuation follows
+                    prompts[i], truncated[i] = p[len(p) - room :], True
+        todo = [i for i in range(len(texts)) if i not in bad]
+        results = {}
+        with torch.inference_mode():
+            for batch in length_sorted_batches([len(prompts[i]) for i in todo], cfg.batch_size):
+                rows = [todo[b] for b in batch]
+                outs = generate(
+                    self.lm,
+                    tok,
+                    [prompts[i] for i in rows],
+                    [ids[i] for i in rows],
+                    [limits[i] for i in rows],
+                    self.sampling,
+                    self.eos,
+                    cfg.stop,
+                )
+                results.update(zip(rows, outs, strict=True))
+        kept = sorted(results)
+        return TaskOutput(
+            kept=kept,
+            columns={
+                "generated": [results[i].text for i in kept],
+                "finish_reason": [results[i].finish_reason for i in kept],
+                "prompt_tokens": [len(prompts[i]) for i in kept],
+                "generated_tokens": [len(results[i].tokens) for i in kept],
+                "truncated": [truncated[i] for i in kept],
+            },
+            rejected=sorted(rejected),
+            tokens=sum(len(prompts[i]) + len(results[i].tokens) for i in kept),
+        )
