@@ -15,12 +15,11 @@ import pyarrow as pa
 import torch
 
 from .. import schemas
-from ..batching import length_sorted_batches
 from ..config import ModelConfig, TaskConfig
 from ..models import load_model
 from . import MODEL_KINDS
 from .base import TaskOutput
-from .encoding import encode, model_max_length, pad_batch
+from .encoding import EncoderRows, model_max_length
 
 
 def sentence_transformers_settings(path: str) -> dict:
@@ -76,28 +75,12 @@ class EmbedTask:
         self.max_length = task_cfg.max_length or min(st.get("max_length", limit), limit)
 
     def process(self, texts: list[str], ids=None, extra=None) -> TaskOutput:
-        tok = self.loaded.tokenizer
-        enc = encode(tok, texts, self.max_length)
-        todo = list(range(len(texts)))
-        rejected = []
-        if self.cfg.on_long == "reject":
-            rejected = [
-                (i, "too_long", f"longer than {self.max_length} tokens (task.on_long=reject)")
-                for i in todo
-                if enc.truncated[i]
-            ]
-            todo = [i for i in todo if not enc.truncated[i]]
+        rows_in = EncoderRows(self.loaded.tokenizer, texts, self.max_length, self.cfg.on_long)
+        enc, rejected, todo = rows_in.enc, rows_in.rejected, rows_in.todo
         dim = self.loaded.model.config.hidden_size
         vectors = np.zeros((len(texts), dim), dtype=np.float32)
         with torch.inference_mode():
-            for batch in length_sorted_batches([enc.lengths[i] for i in todo], self.cfg.batch_size):
-                rows = [todo[b] for b in batch]
-                inputs = pad_batch(
-                    [enc.features[i] for i in rows],
-                    tok.pad_token_id or 0,
-                    tok.padding_side,
-                    self.loaded.device,
-                )
+            for rows, inputs in rows_in.batches(self.cfg.batch_size, self.loaded.device):
                 hidden = self.loaded.model(**inputs).last_hidden_state
                 v = pool(hidden.float(), inputs["attention_mask"], self.pooling)
                 if self.normalize:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batching import length_sorted_batches
+
 
 @dataclass
 class Encoded:
@@ -60,3 +62,30 @@ def pad_batch(features: list[dict[str, list[int]]], pad_id: int, side: str, devi
             rows.append(gap + f[key] if side == "left" else f[key] + gap)
         out[key] = torch.tensor(rows, dtype=torch.long, device=device)
     return out
+
+
+class EncoderRows:
+    """Texts tokenized once, over-long rows set aside (on_long=reject) or truncated, and the
+    rest served as length-sorted, padded batches: the common front of the encoder tasks."""
+
+    def __init__(self, tokenizer, texts: list[str], max_length: int, on_long: str):
+        self.tokenizer = tokenizer
+        self.enc = encode(tokenizer, texts, max_length)
+        self.rejected: list[tuple[int, str, str]] = []
+        self.todo = list(range(len(texts)))
+        if on_long == "reject":
+            detail = f"longer than {max_length} tokens (task.on_long=reject)"
+            self.rejected = [(i, "too_long", detail) for i in self.todo if self.enc.truncated[i]]
+            self.todo = [i for i in self.todo if not self.enc.truncated[i]]
+
+    def batches(self, batch_size: int, device, padding_side: str | None = None):
+        """Yield (row indices, padded input tensors) per batch, longest rows first."""
+        tok = self.tokenizer
+        lengths = [self.enc.lengths[i] for i in self.todo]
+        for batch in length_sorted_batches(lengths, batch_size):
+            rows = [self.todo[b] for b in batch]
+            feats = [self.enc.features[i] for i in rows]
+            yield (
+                rows,
+                pad_batch(feats, tok.pad_token_id or 0, padding_side or tok.padding_side, device),
+            )

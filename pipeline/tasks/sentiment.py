@@ -9,12 +9,11 @@ from __future__ import annotations
 import torch
 
 from .. import schemas
-from ..batching import length_sorted_batches
 from ..config import ModelConfig, TaskConfig
 from ..models import load_model
 from . import MODEL_KINDS
 from .base import TaskOutput
-from .encoding import encode, model_max_length, pad_batch
+from .encoding import EncoderRows, model_max_length
 
 
 class SentimentTask:
@@ -45,27 +44,11 @@ class SentimentTask:
         return logits
 
     def process(self, texts: list[str], ids=None, extra=None) -> TaskOutput:
-        tok = self.loaded.tokenizer
-        enc = encode(tok, texts, self.max_length)
-        rejected = []
-        todo = list(range(len(texts)))
-        if self.cfg.on_long == "reject":
-            rejected = [
-                (i, "too_long", f"longer than {self.max_length} tokens (task.on_long=reject)")
-                for i in todo
-                if enc.truncated[i]
-            ]
-            todo = [i for i in todo if not enc.truncated[i]]
+        rows_in = EncoderRows(self.loaded.tokenizer, texts, self.max_length, self.cfg.on_long)
+        enc, rejected = rows_in.enc, rows_in.rejected
         probs: dict[int, list[float]] = {}
         with torch.inference_mode():
-            for batch in length_sorted_batches([enc.lengths[i] for i in todo], self.cfg.batch_size):
-                rows = [todo[b] for b in batch]
-                inputs = pad_batch(
-                    [enc.features[i] for i in rows],
-                    tok.pad_token_id or 0,
-                    tok.padding_side,
-                    self.loaded.device,
-                )
+            for rows, inputs in rows_in.batches(self.cfg.batch_size, self.loaded.device):
                 scores = self._scores(self.loaded.model(**inputs).logits).cpu()
                 for i, s in zip(rows, scores.tolist(), strict=True):
                     probs[i] = s
