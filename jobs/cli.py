@@ -30,10 +30,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import infer, status
+    from . import infer, status, train
 
     cli.add_command(infer.infer)
     cli.add_command(status.status)
+    cli.add_command(train.train)
 
 
 _register()

@@ -207,7 +207,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
+# The keys of an infer job file that hold paths (resolved against the job file's folder).
+INFER_PATH_KEYS = (("input", "paths"), ("model", "path"), ("output", "path"))
+
+
+def read_job_file(path: str | os.PathLike, path_keys=INFER_PATH_KEYS) -> dict[str, Any]:
     """The job file as nested dicts, with relative paths resolved against the file's folder."""
     p = Path(path)
     try:
@@ -220,27 +224,29 @@ def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"job file {p} is not valid TOML: {e}") from None
     base = p.resolve().parent
 
-    def rel(v: str) -> str:
-        return v if os.path.isabs(v) else str(base / v)
+    def rel(v: Any) -> Any:
+        return str(base / v) if isinstance(v, str) and not os.path.isabs(v) else v
 
-    inp, model, out = raw.get("input"), raw.get("model"), raw.get("output")
-    if isinstance(inp, dict) and isinstance(inp.get("paths"), list | str):
-        paths = inp["paths"] if isinstance(inp["paths"], list) else [inp["paths"]]
-        inp["paths"] = [rel(x) if isinstance(x, str) else x for x in paths]
-    for table in (model, out):
-        if isinstance(table, dict) and isinstance(table.get("path"), str):
-            table["path"] = rel(table["path"])
+    for table_name, key in path_keys:
+        table = raw.get(table_name)
+        if isinstance(table, dict) and key in table:
+            v = table[key]
+            table[key] = [rel(x) for x in v] if isinstance(v, list) else rel(v)
     return raw
 
 
-def load_job(job_file: str | os.PathLike | None = None, overrides: dict | None = None) -> JobConfig:
-    """Build and validate a JobConfig from an optional job file and flag overrides (nested dicts)."""
-    raw = read_job_file(job_file) if job_file else {}
-    merged = _merge(raw, overrides or {})
+def load_config(cls: type, job_file, overrides: dict | None, path_keys, check) -> Any:
+    """Build `cls` from an optional job file and flag overrides (nested dicts), then `check` it."""
+    raw = read_job_file(job_file, path_keys) if job_file else {}
     where = str(job_file) if job_file else "command line"
-    cfg = _build(JobConfig, merged, "", where)
-    validate(cfg, where)
+    cfg = _build(cls, _merge(raw, overrides or {}), "", where)
+    check(cfg, where)
     return cfg
+
+
+def load_job(job_file: str | os.PathLike | None = None, overrides: dict | None = None) -> JobConfig:
+    """Build and validate an infer JobConfig from an optional job file and flag overrides."""
+    return load_config(JobConfig, job_file, overrides, INFER_PATH_KEYS, validate)
 
 
 def validate(cfg: JobConfig, where: str = "config") -> None:

@@ -8,7 +8,7 @@ from ..errors import ModelError
 from .hf import KIND_NAMES, LoadedModel, check_checkpoint, load_hf, resolve_device, resolve_dtype
 
 # FastServe checkpoint archs by the kind of model they are.
-_FASTSERVE_KINDS = {"gpt": "causal-lm"}
+_FASTSERVE_KINDS = {"gpt": "causal-lm", "lstm": "causal-lm"}
 
 
 def check_model_folder(path: str, kind: str) -> None:

@@ -27,8 +27,9 @@ META = "fastserve.json"
 
 def _archs() -> dict:
     from .gpt import GPT, GPTConfig
+    from .lstm import LSTMLM, LSTMConfig
 
-    return {"gpt": (GPT, GPTConfig)}
+    return {"gpt": (GPT, GPTConfig), "lstm": (LSTMLM, LSTMConfig)}
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -142,6 +142,43 @@ class GPTCausalLM:
         return st
 
 
+class LSTMCausalLM:
+    """FastServe's LSTM LM (models/lstm.py): prompts are read one by one (padding would enter the
+    recurrent state), then the batch steps together."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    def _run(self, x: torch.Tensor, states: list | None):
+        x = self.model.wte(x)
+        new = []
+        for i, layer in enumerate(self.model.layers.values()):
+            x, st = layer.lstm(x, states[i] if states else None)
+            new.append(st)
+        return self.model.lm_head(x[:, -1]), new
+
+    def prefill(self, rows: list[list[int]], pad_id: int):
+        outs = [self._run(torch.tensor([r], device=self.device), None) for r in rows]
+        logits = torch.cat([o[0] for o in outs])
+        layers = len(outs[0][1])
+        states = [
+            (
+                torch.cat([o[1][k][0] for o in outs], dim=1),
+                torch.cat([o[1][k][1] for o in outs], dim=1),
+            )
+            for k in range(layers)
+        ]  # per layer (h, c): (1, B, C)
+        return logits, {"states": states}
+
+    def step(self, tokens: torch.Tensor, st: dict):
+        logits, st["states"] = self._run(tokens[:, None], st["states"])
+        return logits, st
+
+    def keep(self, st: dict, rows: torch.Tensor) -> dict:
+        st["states"] = [(h[:, rows], c[:, rows]) for h, c in st["states"]]
+        return st
+
+
 @dataclass
 class Generated:
     tokens: list[int]

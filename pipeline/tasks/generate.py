@@ -11,7 +11,7 @@ from .. import schemas
 from ..batching import length_sorted_batches
 from ..config import ModelConfig, TaskConfig
 from ..models import load_model
-from ..models.decoding import GPTCausalLM, HFCausalLM, Sampling, generate
+from ..models.decoding import GPTCausalLM, HFCausalLM, LSTMCausalLM, Sampling, generate
 from . import MODEL_KINDS
 from .base import TaskOutput
 
@@ -45,7 +45,8 @@ class GenerateTask:
         self.loaded = load_model(
             model_cfg.path, MODEL_KINDS["generate"], model_cfg.device, model_cfg.dtype
         )
-        adapter = GPTCausalLM if self.loaded.backend == "fastserve" else HFCausalLM
+        arch = getattr(self.loaded.model, "arch", None)
+        adapter = {"gpt": GPTCausalLM, "lstm": LSTMCausalLM}.get(arch, HFCausalLM)
         self.lm = adapter(self.loaded.model, self.loaded.device)
         self.context = context_length(self.loaded)
         self.eos = eos_ids(self.loaded)

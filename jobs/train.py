@@ -1,0 +1,112 @@
+"""`fastserve train`: model-parallel training over MPI ranks, then export for `fastserve infer`.
+
+    mpiexec -n 2 fastserve train --config train.toml           # e.g. parallel.pp = 2
+    srun --mpi=pmi2 -n 8 fastserve train --config train.toml   # on a Slurm allocation
+    fastserve train --config train.toml --dry-run              # the plan, no ranks needed
+
+The run folder gets metrics.jsonl, checkpoints/ and, at the end, export/ (a FastServe checkpoint
+that `fastserve infer --task generate --model <run>/export` serves). Exit code 75 means "saved a
+checkpoint on SIGTERM/SIGUSR1; requeue me": rerunning resumes from it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.training.config import load_train_job
+
+
+def _overrides(data, output, steps) -> dict:
+    out: dict = {}
+    if data:
+        out.setdefault("data", {})["paths"] = list(data)
+    if output:
+        out.setdefault("output", {})["path"] = output
+    if steps:
+        out.setdefault("train", {})["steps"] = steps
+    return out
+
+
+def dry_run(job) -> str:
+    """The plan: stages, shards and a memory estimate per rank (fp32 weights, grads, AdamW)."""
+    from pipeline.distributed.parallelize import stage_layers
+    from pipeline.training.model_factory import build_model
+
+    p, m = job.parallel, job.model
+    model = build_model(m, job.data.vocab_size, job.train.seed)
+    n_stages = p.pp * p.stages_per_rank
+    stages = stage_layers(m.n_layer, n_stages)
+    lines = [
+        f"world size {p.dp * p.tp * p.pp} = dp {p.dp} x tp {p.tp} x pp {p.pp}  (launch: mpiexec -n {p.dp * p.tp * p.pp})",
+        f"model {m.arch}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters",
+    ]
+    per_layer = {
+        i: sum(q.numel() for q in model.layers[str(i)].parameters()) for i in range(m.n_layer)
+    }
+    emb = sum(q.numel() for n, q in model.named_parameters() if not n.startswith("layers."))
+    for s, layers in enumerate(stages):
+        params = sum(per_layer[i] for i in layers) + (emb if s in (0, n_stages - 1) else 0)
+        shard = params / p.tp / (p.dp if p.dp_mode == "fsdp" else 1)
+        mem = shard * 4 * 4 / 2**20  # weights + grads + 2 AdamW moments, fp32
+        rank = s % p.pp
+        lines.append(
+            f"stage {s} (pp rank {rank}): layers {layers[0]}-{layers[-1]}, {params / 1e6:.2f}M params, "
+            f"~{mem:.1f} MiB per rank for weights/grads/optimizer (+ activations)"
+        )
+    if p.pp > 1:
+        from pipeline.training.trainer import bubble_fraction
+
+        lines.append(
+            f"schedule {p.schedule}, {p.microbatches} micro-batches: bubble {bubble_fraction(p.pp, p.microbatches, p.stages_per_rank):.0%}"
+        )
+    if p.tp > 1:
+        lines.append(
+            f"tensor parallel: {m.n_head // p.tp} of {m.n_head} heads and 1/{p.tp} of each MLP per rank"
+        )
+    if p.dp > 1:
+        lines.append(
+            f"data parallel: {p.dp_mode}, {job.train.batch_size // p.dp} sequences per rank per step"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="TOML training job file.",
+)
+@click.option(
+    "--data", multiple=True, help="Corpus Parquet file/folder/glob (overrides data.paths)."
+)
+@click.option("--output", help="Run folder (overrides output.path).")
+@click.option("--steps", type=int, help="Overrides train.steps.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan (stages, shards, memory per rank) and exit."
+)
+def train(config_file, data, output, steps, dry_run) -> None:
+    """Train a language model with pipeline, tensor and data parallelism over MPI ranks."""
+    job = load_train_job(config_file, _overrides(data, output, steps))
+    if dry_run:
+        click.echo(dry_run(job))
+        return
+    from pipeline.distributed.bootstrap import bootstrap, shutdown
+    from pipeline.training.trainer import Trainer
+
+    env = bootstrap(timeout_s=job.parallel.timeout_s)
+    trainer = Trainer(job, env)
+    code = trainer.fit(log=lambda s: click.echo(s, err=True))
+    if code == 0:
+        out = trainer.export(Path(job.output.path) / "export")
+        if out is not None:
+            click.echo(
+                f"exported {out} (serve it: fastserve infer --task generate --model {out} ...)",
+                err=True,
+            )
+    shutdown(env)
+    sys.exit(code)

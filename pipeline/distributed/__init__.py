@@ -1,0 +1,1 @@
+"""The only package of the library that knows MPI: bootstrap, parallel dims, parallelism."""

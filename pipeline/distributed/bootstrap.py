@@ -1,0 +1,97 @@
+"""MPI launches and meets the ranks; torch.distributed moves the tensors.
+
+    env = bootstrap(timeout_s=60)     # under `mpiexec -n N`, `srun --mpi=pmi2`, or alone
+    ...
+    shutdown(env)
+
+Rank, size and local rank come from MPI; rank 0 picks a free port on its host and broadcasts the
+rendezvous address; every rank joins the process group (gloo on CPU, NCCL on GPU, one GPU per local
+rank). The MPI Abort hook is installed *after* `init_process_group` (which replaces sys.excepthook),
+so a rank that raises prints its traceback and ends the whole job at once; the group's timeout is
+finite, so a rank stuck in a collective raises too, instead of hanging the job for 30 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: object  # torch.device
+    backend: str
+    comm: object  # the MPI communicator (control plane: small host-side messages)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _abort_hook(comm):
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        sys.stderr.write(f"[rank {comm.Get_rank()}] uncaught {kind.__name__}; aborting the job\n")
+        traceback.print_exception(kind, value, tb)
+        sys.stderr.flush()
+        try:
+            previous(kind, value, tb) if previous not in (sys.__excepthook__, hook) else None
+        finally:
+            comm.Abort(1)
+
+    return hook
+
+
+def bootstrap(timeout_s: float = 120, device: str = "auto") -> DistEnv:
+    """Join MPI and torch.distributed; return who this rank is."""
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank = local.Get_rank()
+    local.Free()
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    # Rank 0's own host name, resolved by the others: the rendezvous works across nodes.
+    addr = comm.bcast(
+        (socket.gethostname() if size > 1 else "127.0.0.1", _free_port()) if rank == 0 else None
+    )
+    if size == 1:
+        addr = ("127.0.0.1", addr[1])
+    os.environ.setdefault("MASTER_ADDR", addr[0])
+    os.environ.setdefault("MASTER_PORT", str(addr[1]))
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{addr[0]}:{addr[1]}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=dev if use_cuda else None,
+    )
+    sys.excepthook = _abort_hook(comm)  # after init_process_group, which replaces it
+    return DistEnv(rank, size, local_rank, dev, backend, comm)
+
+
+def shutdown(env: DistEnv) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

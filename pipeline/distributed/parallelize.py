@@ -1,0 +1,123 @@
+"""Parallelism applied by functions, in a fixed order, without changing the model's code:
+
+    1. pipeline split   the model -> stage chunks (layers it does not own removed; names kept)
+    2. tensor parallel  each chunk's attention and MLP split by column / row (DTensor)
+    3. data parallel    each chunk sharded (FSDP2) or replicated (DDP) over the dp mesh
+
+(torchtitan's order: TP before data parallel, so FSDP shards the TP-local tensors.)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def stage_layers(n_layer: int, n_stages: int) -> list[list[int]]:
+    """Layer indices of each stage, balanced by count (earlier stages take the remainder)."""
+    base, extra = divmod(n_layer, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        n = base + (1 if s < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def rank_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
+    """Stage indices a pipeline rank holds: looped (rank r holds r, r+pp, ...), as interleaved
+    schedules expect; one stage per rank otherwise."""
+    return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
+def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
+    """A copy of `model` holding only stage `stage`'s layers; embeddings stay on the first stage,
+    the final norm and head on the last. Parameter names are those of the full model."""
+    chunk = copy.deepcopy(model)
+    keep = {str(i) for i in stage_layers(len(model.layers), n_stages)[stage]}
+    for name in list(chunk.layers.keys()):
+        if name not in keep:
+            del chunk.layers[name]
+    if stage > 0:
+        for attr in ("wte", "wpe", "drop"):
+            if hasattr(chunk, attr):
+                setattr(chunk, attr, None)
+    if stage < n_stages - 1:
+        for attr in ("ln_f", "lm_head"):
+            if hasattr(chunk, attr):
+                setattr(chunk, attr, None)
+    return chunk
+
+
+def apply_tp(chunk: nn.Module, tp_mesh) -> None:
+    """Split attention heads (q/k/v by column, o by row) and the MLP (fc by column, proj by row)
+    over `tp_mesh`. Embeddings, norms and the head stay replicated."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    plan = {
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
+        "attn.o_proj": RowwiseParallel(),
+        "mlp.fc": ColwiseParallel(),
+        "mlp.proj": RowwiseParallel(),
+    }
+    for layer in chunk.layers.values():
+        parallelize_module(layer, tp_mesh, plan)
+
+
+def apply_fsdp(chunk: nn.Module, dp_mesh, pipelined: bool) -> None:
+    """FSDP2: each layer a unit, then the rest. In a pipeline, parameters stay gathered between
+    micro-batches (resharding each one would gather them again for every micro-batch)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in chunk.layers.values():
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=not pipelined)
+    fully_shard(chunk, mesh=dp_mesh, reshard_after_forward=not pipelined)
+
+
+def apply_ddp(chunk: nn.Module, dp_group, device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(
+        chunk, process_group=dp_group, device_ids=[device] if device.type == "cuda" else None
+    )
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip by the norm over *all* gradients of the model: every stage and every shard.
+
+    DTensor gradients (TP, FSDP) reduce over their own mesh; plain ones are replicated across TP
+    ranks and counted once; the squares are then summed over the pipeline stages.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float32)
+    by_mesh: dict = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            by_mesh.setdefault(id(g.device_mesh), []).append(g)
+        else:
+            sq = sq + g.detach().float().pow(2).sum().cpu()
+    for group in by_mesh.values():
+        n = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        n = n.full_tensor() if isinstance(n, DTensor) else n
+        sq = sq + n.float().pow(2).cpu()
+    if pp_group is not None:
+        device = grads[0].device if grads else torch.device("cpu")
+        sq = sq.to(device)  # NCCL reduces on the GPU, gloo anywhere
+        dist.all_reduce(sq, group=pp_group)
+    total = float(sq.sqrt())
+    if max_norm > 0 and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(coef)  # a Python scalar: works for DTensor and plain gradients alike
+    return torch.tensor(total)

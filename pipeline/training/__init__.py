@@ -1,0 +1,1 @@
+"""Training: config, data, models' parallel application (via pipeline/distributed), the loop."""

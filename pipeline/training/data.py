@@ -1,0 +1,118 @@
+"""Training data: a Parquet corpus tokenized once, packed into fixed-length sequences.
+
+Documents are joined with an end-of-text token and cut into sequences of seq_len + 1 tokens
+(input and target shifted by one). Which sequences a step reads is a pure function of (seed, step),
+so every run, resumed or not, and every parallel layout sees the same data; each data-parallel rank
+takes its own slice of the step's global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..errors import InputError
+from ..plan import is_string_type, resolve_inputs
+
+SPECIALS = ["<pad>", "<|endoftext|>"]
+
+
+def read_texts(paths, text_column: str) -> list[str]:
+    texts: list[str] = []
+    for path in resolve_inputs(paths).values():
+        try:
+            schema = pq.read_schema(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise InputError(f"training corpus file {path} is not readable Parquet ({e})") from None
+        if text_column not in schema.names or not is_string_type(schema.field(text_column).type):
+            raise InputError(
+                f"training corpus file {path} has no string column {text_column!r}; set data.text_column"
+            )
+        col = pq.read_table(path, columns=[text_column]).column(0).to_pylist()
+        texts += [t for t in col if t and t.strip()]
+    if not texts:
+        raise InputError(f"the training corpus {list(paths)} holds no non-empty text")
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> Path:
+    """A byte-level BPE tokenizer (tokenizers), saved as tokenizer.json; deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out))
+    return out
+
+
+def tokenize(texts: list[str], tokenizer_json: Path) -> tuple[np.ndarray, int, int]:
+    """(all tokens, eos between documents, as uint32), eos id, vocabulary size."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    eos = tok.token_to_id("<|endoftext|>")
+    if eos is None:
+        raise InputError(
+            f"tokenizer {tokenizer_json} has no <|endoftext|> token; FastServe packs documents with it"
+        )
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids += enc.ids
+        ids.append(eos)
+    return np.array(ids, dtype=np.uint32), eos, tok.get_vocab_size()
+
+
+class PackedData:
+    """Fixed-length sequences of a token stream, split into training and validation sets."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, val_fraction: float, seed: int):
+        n = (len(tokens) - 1) // seq_len
+        if n < 2:
+            raise InputError(
+                f"the corpus gives {n} sequences of {seq_len + 1} tokens; give more text or lower data.seq_len"
+            )
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        order = np.random.default_rng(seed).permutation(n)
+        n_val = max(1, int(n * val_fraction))
+        self.val, self.train = order[:n_val], order[n_val:]
+
+    def _seqs(self, idx: np.ndarray):
+        import torch
+
+        rows = np.stack(
+            [self.tokens[i * self.seq_len : i * self.seq_len + self.seq_len + 1] for i in idx]
+        )
+        t = torch.from_numpy(rows.astype(np.int64))
+        return t[:, :-1], t[:, 1:]
+
+    def batch(self, step: int, batch_size: int, part: int = 0, parts: int = 1):
+        """Inputs and targets (B/parts, seq_len) of `step`'s global batch, slice `part` of `parts`."""
+        n = len(self.train)
+        epoch, start = divmod(step * batch_size, n)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.train)
+        idx = np.take(
+            np.concatenate(
+                [perm, np.random.default_rng([self.seed, epoch + 1]).permutation(self.train)]
+            ),
+            range(start, start + batch_size),
+            mode="wrap",
+        )
+        per = batch_size // parts
+        return self._seqs(idx[part * per : (part + 1) * per])
+
+    def val_batches(self, batch_size: int, count: int, part: int = 0, parts: int = 1):
+        per = batch_size // parts
+        for k in range(count):
+            idx = np.take(self.val, range(k * batch_size, (k + 1) * batch_size), mode="wrap")
+            yield self._seqs(idx[part * per : (part + 1) * per])

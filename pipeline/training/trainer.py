@@ -1,0 +1,404 @@
+"""The training loop: one function per concern, run on every rank.
+
+    mpiexec -n 4 fastserve train --config train.toml        # e.g. pp=2 x dp=2
+    fastserve train --config train.toml                      # one process
+
+Every rank builds the full model from the seed, keeps its pipeline stage(s), applies tensor and
+data parallelism (pipeline/distributed/parallelize.py), and steps together. Only the last stage
+sees the loss; rank 0 writes metrics.jsonl and the console summary. SIGTERM / SIGUSR1 (what
+Slurm sends before a time limit or preemption) make every rank save a checkpoint at the end of the
+step and exit with REQUEUE_EXIT_CODE, asking to be requeued; rerunning resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..distributed.bootstrap import DistEnv
+from ..distributed.parallel_dims import ParallelDims
+from ..distributed.parallelize import (
+    apply_ddp,
+    apply_fsdp,
+    apply_tp,
+    clip_grad_norm,
+    rank_stages,
+    split_stage,
+    stage_layers,
+)
+from . import checkpoints as ckpt
+from .config import TrainJob
+from .data import PackedData, read_texts, tokenize, train_tokenizer
+from .model_factory import build_model, flops_per_token
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": the job script requeues on it
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def bubble_fraction(pp: int, microbatches: int, stages_per_rank: int) -> float:
+    """Idle share of a pipeline step in the simple model (p-1)/(v*m + p-1)."""
+    return 0.0 if pp == 1 else (pp - 1) / (stages_per_rank * microbatches + pp - 1)
+
+
+def measured_peak_flops(device) -> float:
+    """A matmul's FLOP/s on this device with this process's threads: the MFU denominator."""
+    n = 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    t0 = time.perf_counter()
+    reps = 5
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class Trainer:
+    def __init__(self, job: TrainJob, env: DistEnv):
+        self.job, self.env = job, env
+        p = job.parallel
+        self.dims = ParallelDims(p.dp, p.tp, p.pp)
+        self.dims.validate(env.world_size)
+        self.run = Path(job.output.path)
+        self.stop_requested = 0
+        self._prepare_data()
+        self._build()
+
+    # -- data: rank 0 tokenizes, the others read its result ------------------------------------
+
+    def _prepare_data(self) -> None:
+        import numpy as np
+
+        d, run = self.job.data, self.run
+        tok_json = run / "tokenizer.json"
+        tokens_file = run / "data" / "tokens.npy"
+        if self.env.rank == 0 and not tokens_file.exists():
+            texts = read_texts(d.paths, d.text_column)
+            if d.tokenizer:
+                tok_json.parent.mkdir(parents=True, exist_ok=True)
+                tok_json.write_text(Path(d.tokenizer).read_text())
+            elif not tok_json.exists():
+                train_tokenizer(texts, d.vocab_size, tok_json)
+            tokens, eos, vocab = tokenize(texts, tok_json)
+            tokens_file.parent.mkdir(parents=True, exist_ok=True)
+            np.save(tokens_file.with_suffix(".tmp.npy"), tokens, allow_pickle=False)
+            os.replace(tokens_file.with_suffix(".tmp.npy"), tokens_file)
+        self.env.comm.Barrier()
+        from tokenizers import Tokenizer
+
+        self.tokenizer_json = tok_json
+        tok = Tokenizer.from_file(str(tok_json))
+        self.vocab_size = tok.get_vocab_size()
+        self.eos = tok.token_to_id("<|endoftext|>")
+        tokens = np.load(tokens_file, allow_pickle=False)
+        self.data = PackedData(tokens, d.seq_len, d.val_fraction, self.job.train.seed)
+
+    # -- model, parallelism, optimizer ----------------------------------------------------------
+
+    def _build(self) -> None:
+        job, env, dims = self.job, self.env, self.dims
+        p = job.parallel
+        self.full = build_model(job.model, self.vocab_size, job.train.seed)
+        mesh = dims.build_mesh(env.device.type) if env.world_size > 1 else None
+        self.pp_rank = mesh["pp"].get_local_rank() if mesh else 0
+        self.dp_rank = mesh["dp"].get_local_rank() if mesh else 0
+        self.tp_rank = mesh["tp"].get_local_rank() if mesh else 0
+        self.pp_group = mesh["pp"].get_group() if mesh and p.pp > 1 else None
+        self.n_stages = p.pp * p.stages_per_rank
+        self.stage_ids = rank_stages(self.pp_rank, p.pp, p.stages_per_rank) if p.pp > 1 else [0]
+        chunks = [
+            split_stage(self.full, s, self.n_stages) if p.pp > 1 else self.full
+            for s in self.stage_ids
+        ]
+        for c in chunks:
+            c.to(env.device)
+            if p.tp > 1:
+                apply_tp(c, mesh["tp"])
+        self.chunks = chunks  # unwrapped modules: their parameter names are the full model's
+        runnable = chunks
+        if p.dp > 1 and p.dp_mode == "fsdp":
+            for c in chunks:
+                apply_fsdp(c, mesh["dp"], pipelined=p.pp > 1)
+        elif p.dp > 1:
+            runnable = [apply_ddp(c, mesh["dp"].get_group(), env.device) for c in chunks]
+        self.named = [(n, q) for c in chunks for n, q in c.named_parameters()]
+        self.params = [q for _, q in self.named]
+        t = job.train
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay, foreach=False
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio)
+        )
+        self.is_first = 0 in self.stage_ids
+        self.is_last = (self.n_stages - 1) in self.stage_ids
+        self.schedule = None
+        if p.pp > 1:
+            from torch.distributed import pipelining as pl
+
+            stages = [
+                pl.PipelineStage(m, s, self.n_stages, env.device, group=self.pp_group)
+                for m, s in zip(runnable, self.stage_ids, strict=True)
+            ]
+            cls = {
+                "GPipe": pl.ScheduleGPipe,
+                "1F1B": pl.Schedule1F1B,
+                "Interleaved1F1B": pl.ScheduleInterleaved1F1B,
+            }[p.schedule]
+            self.schedule = cls(
+                stages if p.schedule == "Interleaved1F1B" else stages[0],
+                n_microbatches=p.microbatches,
+                loss_fn=self._loss,
+            )
+        self.model = runnable[0]
+        self.layout = {
+            "dp": p.dp,
+            "tp": p.tp,
+            "pp": p.pp,
+            "stages_per_rank": p.stages_per_rank,
+            "arch": job.model.arch,
+        }
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def _autocast(self):
+        prec = self.job.train.precision
+        on = prec == "bf16" or (prec == "auto" and self.env.device.type == "cuda")
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=on)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss of this rank's share of the batch (0 on stages without the loss); gradients
+        accumulate into .grad."""
+        x, y = x.to(self.env.device), y.to(self.env.device)
+        if self.schedule is None:
+            with self._autocast():
+                loss = self._loss(self.model(x), y)
+            loss.backward()
+            return loss.detach()
+        losses: list[torch.Tensor] = []
+        with self._autocast():
+            if self.is_first and self.is_last:
+                self.schedule.step(x, target=y, losses=losses)
+            elif self.is_first:
+                self.schedule.step(x)
+            elif self.is_last:
+                self.schedule.step(target=y, losses=losses)
+            else:
+                self.schedule.step()
+        return (
+            torch.stack(losses).mean().detach()
+            if losses
+            else torch.zeros((), device=self.env.device)
+        )
+
+    def _global_loss(self, loss: torch.Tensor) -> float:
+        """Mean loss over the data-parallel ranks, as every rank sees it (from the last stage)."""
+        import torch.distributed as dist
+
+        if self.env.world_size == 1:
+            return float(loss)
+        t = loss.detach().float().reshape(1).to(self.env.device) * (1.0 if self.is_last else 0.0)
+        dist.all_reduce(t)
+        return float(t) / (self.dims.dp * self.dims.tp)
+
+    def train_step(self, step: int) -> dict:
+        t = self.job.train
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.env.device)
+        for k in range(t.grad_accum):
+            x, y = self.data.batch(
+                step * t.grad_accum + k, t.batch_size // t.grad_accum, self.dp_rank, self.dims.dp
+            )
+            total += self._forward_backward(x, y)
+        if t.grad_accum > 1:  # the mean over the accumulated passes
+            for q in self.params:
+                if q.grad is not None:
+                    q.grad.mul_(1.0 / t.grad_accum)
+        norm = clip_grad_norm(self.params, t.grad_clip, self.pp_group)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": self._global_loss(total / t.grad_accum), "grad_norm": float(norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.job.train
+        losses = []
+        for x, y in self.data.val_batches(t.batch_size, t.eval_batches, self.dp_rank, self.dims.dp):
+            x, y = x.to(self.env.device), y.to(self.env.device)
+            with self._autocast():
+                if self.schedule is None:
+                    loss = self._loss(self.model(x), y)
+                else:
+                    out: list[torch.Tensor] = []
+                    if self.is_first and self.is_last:
+                        self.schedule.eval(x, target=y, losses=out)
+                    elif self.is_first:
+                        self.schedule.eval(x)
+                    elif self.is_last:
+                        self.schedule.eval(target=y, losses=out)
+                    else:
+                        self.schedule.eval()
+                    loss = (
+                        torch.stack(out).mean() if out else torch.zeros((), device=self.env.device)
+                    )
+            losses.append(self._global_loss(loss))
+        return sum(losses) / len(losses)
+
+    # -- checkpoints and signals ---------------------------------------------------------------
+
+    def save(self, step: int) -> None:
+        ckpt.save_shard(
+            self.run, step, self.env.rank, self.named, self.optimizer, self.scheduler, self.layout
+        )
+        self.env.comm.Barrier()
+        if self.env.rank == 0:
+            ckpt.mark_complete(self.run, step, self.job.checkpoint.keep)
+        self.env.comm.Barrier()
+
+    def resume(self) -> int:
+        """The step to start from: after the latest complete checkpoint, or 0."""
+        d = ckpt.latest_complete(self.run)
+        if d is None:
+            return 0
+        return ckpt.load_shard(
+            d, self.env.rank, self.named, self.optimizer, self.scheduler, self.layout
+        )
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = signum
+
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, handler)
+
+    def _should_stop(self) -> bool:
+        from mpi4py import MPI
+
+        return bool(self.env.comm.allreduce(self.stop_requested, op=MPI.MAX))
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self, log=print) -> int:
+        """Train to `train.steps`; return the process exit code (0, or REQUEUE_EXIT_CODE)."""
+        job, t = self.job, self.job.train
+        self.install_signal_handlers()
+        start = self.resume()
+        metrics_path = self.run / "metrics.jsonl"
+        tokens_per_step = t.batch_size * job.data.seq_len
+        fpt = flops_per_token(self.full, job.model, job.data.seq_len)
+        peak = t.peak_tflops * 1e12 if t.peak_tflops > 0 else measured_peak_flops(self.env.device)
+        bubble = bubble_fraction(
+            self.dims.pp, job.parallel.microbatches, job.parallel.stages_per_rank
+        )
+        if self.env.rank == 0:
+            log(self.describe(start))
+        fault = os.environ.get("FASTSERVE_INJECT_FAULT", "")  # testing aid: "rank:step:raise|hang"
+        for step in range(start, t.steps):
+            if fault:
+                f_rank, f_step, kind = fault.split(":")
+                if int(f_rank) == self.env.rank and int(f_step) == step:
+                    if kind == "hang":
+                        time.sleep(3600)
+                    raise RuntimeError(f"injected fault on rank {self.env.rank} at step {step}")
+            t0 = time.perf_counter()
+            m = self.train_step(step)
+            dt = time.perf_counter() - t0
+            record = {
+                "step": step + 1,
+                "loss": m["loss"],
+                "grad_norm": m["grad_norm"],
+                "lr": self.scheduler.get_last_lr()[0],
+                "step_time_s": dt,
+                "tokens_per_s": tokens_per_step / dt,
+                "bubble_fraction": bubble,
+                "mfu": fpt * tokens_per_step / dt / (peak * self.env.world_size),
+            }
+            last = step + 1 == t.steps
+            if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+                val = self.evaluate()
+                record.update(val_loss=val, val_perplexity=math.exp(min(val, 50)))
+            if self.env.rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log(self.progress_line(record))
+            every = job.checkpoint.every
+            if last or (every and (step + 1) % every == 0):
+                self.save(step + 1)
+            elif self._should_stop():
+                self.save(step + 1)
+                if self.env.rank == 0:
+                    log(
+                        f"signal {self.stop_requested or ''}: checkpoint at step {step + 1} saved; exit {REQUEUE_EXIT_CODE} to be requeued"
+                    )
+                return REQUEUE_EXIT_CODE
+        return 0
+
+    def describe(self, start: int) -> str:
+        p, m = self.job.parallel, self.job.model
+        n = self.full.num_params(non_embedding=False)
+        stages = stage_layers(m.n_layer, self.n_stages)
+        lines = [
+            f"model {m.arch}: {n / 1e6:.2f}M parameters ({self.full.num_params() / 1e6:.2f}M non-embedding), vocab {self.vocab_size}",
+            f"layout dp={p.dp} tp={p.tp} pp={p.pp}"
+            + (
+                f" ({p.schedule}, {p.microbatches} micro-batches, stages {stages})"
+                if p.pp > 1
+                else ""
+            ),
+            f"steps {start} -> {self.job.train.steps}" + (" (resumed)" if start else ""),
+        ]
+        return "\n".join(lines)
+
+    @staticmethod
+    def progress_line(r: dict) -> str:
+        val = f"  val {r['val_loss']:.4f} ppl {r['val_perplexity']:.1f}" if "val_loss" in r else ""
+        return f"step {r['step']:>5}  loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tok/s  mfu {r['mfu']:.1%}{val}"
+
+    # -- export --------------------------------------------------------------------------------
+
+    def export(self, folder: Path) -> Path | None:
+        """One consolidated FastServe checkpoint (rank 0 writes it; every rank takes part)."""
+        import numpy as np
+        from torch.distributed.tensor import DTensor
+
+        from ..models.checkpoint import save_checkpoint
+
+        full = {}
+        for name, q in self.named:
+            t = q.full_tensor() if isinstance(q, DTensor) else q  # collective over q's mesh
+            full[name] = t.detach().float().cpu().numpy()
+        mine = full if (self.dp_rank == 0 and self.tp_rank == 0) else {}
+        gathered = self.env.comm.gather(mine, root=0)  # in memory, between ranks: no file
+        if self.env.rank != 0:
+            return None
+        state = {}
+        for part in gathered:
+            state.update({k: torch.from_numpy(np.asarray(v)) for k, v in part.items()})
+        model = build_model(self.job.model, self.vocab_size, self.job.train.seed)
+        model.load_state_dict(state, strict=True)
+        return save_checkpoint(
+            folder,
+            model,
+            self.tokenizer_json,
+            {"pad": "<pad>", "eos": "<|endoftext|>", "bos": "<|endoftext|>"},
+            extra={"trained_with": asdict(self.job.parallel), "steps": self.job.train.steps},
+        )
