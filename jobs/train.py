@@ -30,7 +30,7 @@ def _overrides(data, output, steps) -> dict:
     return out
 
 
-def dry_run(job) -> str:
+def plan_text(job) -> str:
     """The plan: stages, shards and a memory estimate per rank (fp32 weights, grads, AdamW)."""
     from pipeline.distributed.parallelize import stage_layers
     from pipeline.training.model_factory import build_model
@@ -93,7 +93,7 @@ def train(config_file, data, output, steps, dry_run) -> None:
     """Train a language model with pipeline, tensor and data parallelism over MPI ranks."""
     job = load_train_job(config_file, _overrides(data, output, steps))
     if dry_run:
-        click.echo(dry_run(job))
+        click.echo(plan_text(job))
         return
     from pipeline.distributed.bootstrap import bootstrap, shutdown
     from pipeline.training.trainer import Trainer

@@ -24,6 +24,20 @@ class LSTMConfig:
         return asdict(self)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; a contiguous gradient backward. nn.LSTM(batch_first=True) hands back
+    its input gradient as a transposed view, and a pipeline stage sends that gradient to the
+    previous stage, whose receive buffer is contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class LSTMLayer(nn.Module):
     def __init__(self, cfg: LSTMConfig):
         super().__init__()
@@ -32,7 +46,9 @@ class LSTMLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         y, _ = self.lstm(x)
-        return self.drop(y)
+        return self.drop(
+            y
+        ).contiguous()  # batch_first output is a strided view; p2p sends need contiguous
 
 
 class LSTMLM(nn.Module):
@@ -48,8 +64,7 @@ class LSTMLM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) on the first stage, else hidden (B, T, C) -> logits (B, T, V) on the
         last stage (softmax is in the loss), else hidden."""
-        if self.wte is not None:
-            x = self.wte(x)
+        x = self.wte(x) if self.wte is not None else _ContiguousGrad.apply(x)
         for layer in self.layers.values():
             x = layer(x)
         return self.lm_head(x) if self.lm_head is not None else x

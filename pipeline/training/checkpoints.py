@@ -84,6 +84,9 @@ def load_shard(d: Path, rank: int, named_params, optimizer, scheduler, layout: d
                     state[key] = torch.zeros_like(p)
                     _target(state[key]).copy_(tensors[f"optim/{key}/{name}"])
     scheduler.load_state_dict(meta["scheduler"])
+    # The scheduler's state says where it was; the optimizer must be told the rate it had set.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
     return int(meta["step"])
 
 

@@ -1,0 +1,278 @@
+"""Training over real MPI ranks (mpiexec from the mpich wheel), tiny models, CPU/gloo.
+
+Every parallel layout must give the losses of single-process training, step by step.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import read_sorted, run_cli, wait_for, write_corpus
+
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.skipif(
+    not MPIEXEC.exists(), reason="mpiexec (the mpich wheel) is not installed"
+)
+
+BASE = {
+    "model": {"arch": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 32, "block_size": 64},
+    "data": {"paths": ["corpus"], "vocab_size": 300, "seq_len": 32},
+    "train": {
+        "steps": 6,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "eval_every": 0,
+        "grad_clip": 0.5,
+    },
+    "parallel": {"microbatches": 2, "timeout_s": 20},
+}
+
+
+def toml(tables: dict) -> str:
+    def v(x):
+        if isinstance(x, bool):
+            return str(x).lower()
+        if isinstance(x, str):
+            return json.dumps(x)
+        if isinstance(x, list):
+            return "[" + ", ".join(v(i) for i in x) + "]"
+        return repr(x)
+
+    return "".join(
+        f"[{t}]\n" + "".join(f"{k} = {v(x)}\n" for k, x in kv.items()) for t, kv in tables.items()
+    )
+
+
+def job(tmp, name, **changes) -> Path:
+    tables = {k: dict(v) for k, v in BASE.items()}
+    for table, kv in changes.items():
+        tables.setdefault(table, {}).update(kv)
+    tables["output"] = {"path": name}
+    p = tmp / f"{name}.toml"
+    p.write_text(toml(tables))
+    return p
+
+
+def train(config: Path, n: int = 1, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "jobs", "train", "--config", str(config)]
+    if n > 1:
+        cmd = [str(MPIEXEC), "-n", str(n), *cmd]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**ENV, **(env or {})},
+        cwd=config.parent,
+    )
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    write_corpus(d / "corpus", n_files=2, rows=300)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    proc = train(job(workdir, "single"))
+    assert proc.returncode == 0, proc.stderr
+    return losses(workdir / "single")
+
+
+LAYOUTS = {
+    "dp2": (2, {"dp": 2}),
+    "pp2-gpipe": (2, {"pp": 2, "schedule": "GPipe"}),
+    "pp2-1f1b": (2, {"pp": 2, "schedule": "1F1B"}),
+    "pp2-interleaved": (2, {"pp": 2, "schedule": "Interleaved1F1B", "stages_per_rank": 2}),
+    "tp2": (2, {"tp": 2}),
+    "pp2xdp2": (4, {"pp": 2, "dp": 2, "schedule": "1F1B"}),
+    "pp2xtp2": (4, {"pp": 2, "tp": 2, "schedule": "1F1B"}),
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_parallel_losses_equal_single_process(workdir, reference, name):
+    n, parallel = LAYOUTS[name]
+    proc = train(job(workdir, name, parallel=parallel), n=n)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = losses(workdir / name)
+    assert len(got) == len(reference) == 6
+    assert got == pytest.approx(reference, abs=1e-5)
+    assert reference[-1] < reference[0]  # it learns
+
+
+@pytest.mark.mpi
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(workdir):
+    steps = {"train": {**BASE["train"], "steps": 400, "lr": 1e-3}}
+    full = train(job(workdir, "long-ref", parallel={"pp": 2}, **steps), n=2, timeout=400)
+    assert full.returncode == 0, full.stderr[-2000:]
+    cfg = job(workdir, "long", parallel={"pp": 2}, **steps)
+    run = workdir / "long"
+    proc = subprocess.Popen(
+        [str(MPIEXEC), "-n", "2", sys.executable, "-m", "jobs", "train", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=workdir,
+    )
+    wait_for(
+        lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 20,
+        timeout=120,
+        what="20 steps",
+    )
+    ranks = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "python" in p.name().lower()
+    ]
+    assert len(ranks) == 2
+    for r in ranks:  # what Slurm does before a time limit: signal every task
+        r.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    stopped_at = len(losses(run))
+    assert (
+        stopped_at < 400 and (run / "checkpoints" / f"step-{stopped_at:06d}" / "COMPLETE").exists()
+    )
+    resumed = train(cfg, n=2, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(resumed)" in resumed.stderr
+    assert losses(run) == pytest.approx(losses(workdir / "long-ref"), abs=1e-5)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["raise", "hang"])
+def test_a_failing_rank_ends_the_job_quickly_with_its_traceback(workdir, kind):
+    t0 = time.monotonic()
+    proc = train(
+        job(
+            workdir,
+            f"fault-{kind}",
+            parallel={"pp": 2, "timeout_s": 10},
+            train={**BASE["train"], "steps": 50},
+        ),
+        n=2,
+        timeout=120,
+        env={"FASTSERVE_INJECT_FAULT": f"1:3:{kind}"},
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert elapsed < 45, f"the job took {elapsed:.0f}s to end"
+    if kind == "raise":
+        assert "injected fault on rank 1 at step 3" in proc.stderr and "Traceback" in proc.stderr
+    else:  # the other rank's collective times out, and that rank's traceback ends the job
+        assert "aborting the job" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_lstm_learns_and_export_serves_generate(workdir):
+    cfg = job(
+        workdir,
+        "lstm",
+        model={"arch": "lstm", "n_layer": 2, "n_embd": 32, "block_size": 64},
+        train={**BASE["train"], "steps": 30, "lr": 1e-2},
+        parallel={"pp": 2},
+    )
+    proc = train(cfg, n=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = losses(workdir / "lstm")
+    assert got[-1] < got[0] - 0.5
+    export = workdir / "lstm" / "export"
+    assert json.loads((export / "fastserve.json").read_text())["arch"] == "lstm"
+    prompts = workdir / "prompts"
+    write_corpus(prompts, n_files=1, rows=6, prefix="p")
+    run_cli(
+        "infer",
+        "--task",
+        "generate",
+        "--model",
+        export,
+        "--input",
+        prompts,
+        "--output",
+        workdir / "gen",
+        "--workers",
+        "1",
+        "--config",
+        _gen_toml(workdir),
+        check=True,
+    )
+    out = read_sorted(workdir / "gen")
+    assert out.num_rows == 6 and all(n <= 8 for n in out.column("generated_tokens").to_pylist())
+
+
+def test_gpt_export_round_trip_into_infer(workdir, reference):
+    export = workdir / "single" / "export"
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+    prompts = workdir / "prompts-gpt"
+    write_corpus(prompts, n_files=1, rows=4, prefix="g")
+    run_cli(
+        "infer",
+        "--task",
+        "generate",
+        "--model",
+        export,
+        "--input",
+        prompts,
+        "--output",
+        workdir / "gen-gpt",
+        "--workers",
+        "1",
+        "--config",
+        _gen_toml(workdir),
+        check=True,
+    )
+    assert read_sorted(workdir / "gen-gpt").num_rows == 4
+
+
+def test_dry_run_prints_the_plan_and_bad_layouts_say_why(workdir):
+    proc = run_cli(
+        "train",
+        "--config",
+        job(workdir, "plan", parallel={"pp": 2, "dp": 2, "tp": 2}),
+        "--dry-run",
+        check=True,
+    )
+    assert (
+        "world size 8 = dp 2 x tp 2 x pp 2" in proc.stdout
+        and "stage 1 (pp rank 1): layers 2-3" in proc.stdout
+    )
+    bad = run_cli("train", "--config", job(workdir, "bad", parallel={"tp": 3}), "--dry-run")
+    assert bad.returncode == 2 and "model.n_head (4) must divide by parallel.tp (3)" in bad.stderr
+    ddp = run_cli(
+        "train",
+        "--config",
+        job(workdir, "ddp", parallel={"pp": 2, "dp": 2, "dp_mode": "ddp", "schedule": "GPipe"}),
+        "--dry-run",
+    )
+    assert ddp.returncode == 2 and "DDP inside a pipeline" in ddp.stderr
+
+
+@pytest.mark.mpi
+def test_world_size_mismatch_names_the_degrees(workdir):
+    proc = train(job(workdir, "mismatch", parallel={"pp": 2}), n=1)
+    assert proc.returncode != 0
+    assert "dp(1) * tp(1) * pp(2) = 2 != WORLD_SIZE(1)" in proc.stderr
+
+
+def _gen_toml(workdir):
+    p = workdir / "gen.toml"
+    p.write_text("[task]\nmax_new_tokens = 8\n")
+    return p
