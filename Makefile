@@ -25,6 +25,7 @@ test: lint  ## lint, then the whole test suite
 
 bench: install  ## benchmarks; figures go to bench/RESULTS.md
 	$(PY) -m bench.memory
+	$(PY) -m bench.train_pipeline
 
 format: install
 	$(PY) -m ruff check --fix .

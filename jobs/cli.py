@@ -30,11 +30,12 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import infer, status, train
+    from . import infer, status, submit, train
 
     cli.add_command(infer.infer)
     cli.add_command(status.status)
     cli.add_command(train.train)
+    cli.add_command(submit.submit)
 
 
 _register()

@@ -11,8 +11,8 @@ import sys
 
 import click
 
-from pipeline.config import DEVICES, DTYPES, ON_LONG, TASKS, load_job
-from pipeline.executors import dask_executor
+from pipeline.config import DEVICES, DTYPES, EXECUTORS, ON_LONG, TASKS, load_job
+from pipeline.executors import executor_for
 from pipeline.infer import Stop, run_infer
 
 from .progress import Progress
@@ -39,6 +39,7 @@ def _overrides(**flags) -> dict:
         "threads_per_worker": ("cluster", "threads_per_worker"),
         "scheduler_address": ("cluster", "scheduler_address"),
         "host": ("cluster", "host"),
+        "executor": ("cluster", "executor"),
     }
     out: dict = {}
     for name, value in flags.items():
@@ -85,6 +86,11 @@ def _overrides(**flags) -> dict:
 @click.option("--scheduler-address", help="Use a running Dask scheduler instead of starting one.")
 @click.option("--host", help="Interface a started scheduler listens on [127.0.0.1].")
 @click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    help="local (a LocalCluster) or mpi (dask-mpi inside an allocation) [local].",
+)
+@click.option(
     "--overwrite", is_flag=True, default=None, help="Replace a run made with another config."
 )
 def infer(config_file, **flags) -> None:
@@ -109,7 +115,7 @@ def infer(config_file, **flags) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
     summary = run_infer(
-        job, dask_executor, on_shard=progress.shard, on_start=progress.start, stop=stop
+        job, executor_for(job.cluster), on_shard=progress.shard, on_start=progress.start, stop=stop
     )
     progress.finish(summary)
     if summary.failed:

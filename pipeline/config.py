@@ -30,6 +30,7 @@ POOLING = ("auto", "mean", "cls", "max")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_LONG = ("truncate", "reject")
+EXECUTORS = ("local", "mpi")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,10 @@ class ClusterConfig:
     """Use a running Dask scheduler (tcp://host:port) instead of starting a LocalCluster."""
     host: str = "127.0.0.1"
     """Interface a started scheduler listens on: loopback unless told otherwise."""
+    executor: str = "local"
+    """local: a LocalCluster started here (or scheduler_address); mpi: Dask started by dask-mpi
+    over the MPI ranks of a Slurm allocation (`srun --mpi=pmi2 -n N fastserve infer ...`):
+    rank 0 the scheduler, rank 1 this client, the others workers."""
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,7 @@ def read_job_file(path: str | os.PathLike, path_keys=INFER_PATH_KEYS) -> dict[st
 def load_config(cls: type, job_file, overrides: dict | None, path_keys, check) -> Any:
     """Build `cls` from an optional job file and flag overrides (nested dicts), then `check` it."""
     raw = read_job_file(job_file, path_keys) if job_file else {}
+    raw.pop("slurm", None)  # the [slurm] table is `fastserve submit`'s (jobs/sbatch.py)
     where = str(job_file) if job_file else "command line"
     cfg = _build(cls, _merge(raw, overrides or {}), "", where)
     check(cfg, where)
@@ -289,6 +295,10 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     need(t.top_k >= 0, f"task.top_k must be >= 0, got {t.top_k}")
     need(
         t.pooling in POOLING, f"task.pooling is {t.pooling!r}; expected one of {', '.join(POOLING)}"
+    )
+    need(
+        cfg.cluster.executor in EXECUTORS,
+        f"cluster.executor is {cfg.cluster.executor!r}; expected one of {', '.join(EXECUTORS)}",
     )
     need(cfg.cluster.workers > 0, f"cluster.workers must be > 0, got {cfg.cluster.workers}")
     need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -158,3 +159,49 @@ def dask_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
     finally:
         client.close()
         cluster.close()
+
+
+@contextmanager
+def mpi_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
+    """Dask over the MPI ranks of an allocation, started by dask-mpi: rank 0 runs the scheduler,
+    ranks 2+ the workers (these calls never return on them), rank 1 continues here as the client.
+    Torch threads per worker: cluster.threads_per_worker, else SLURM_CPUS_PER_TASK."""
+    try:
+        from dask_mpi import initialize
+    except ImportError:
+        raise ConfigError(
+            "cluster.executor = 'mpi' needs dask-mpi and mpi4py: pip install dask-mpi mpi4py mpich"
+        ) from None
+    from distributed import Client
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() < 3:
+        raise ConfigError(
+            f"cluster.executor = 'mpi' needs at least 3 ranks (scheduler, client, a worker), got "
+            f"{MPI.COMM_WORLD.Get_size()}; launch with srun --mpi=pmi2 -n 3 or more (--overcommit on small nodes)"
+        )
+    if MPI.COMM_WORLD.Get_rank() != 1:
+        # Slurm's warning signal reaches every task; only the client (rank 1) acts on it (it
+        # drains the run). The scheduler and workers must outlive it to finish in-flight shards.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    # One node: everything on loopback. Several: the nodes' own interfaces (the hostname's).
+    single = os.environ.get("SLURM_NNODES", "1") == "1" and cfg.host.startswith("127.")
+    initialize(
+        interface="lo" if single else None,
+        nthreads=1,
+        nanny=False,
+        dashboard_address=":0",
+        memory_limit=0,
+    )
+    threads = cfg.threads_per_worker or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    client = Client(timeout="60s")
+    try:
+        yield DaskExecutor(client, threads)
+    finally:
+        client.close()
+
+
+def executor_for(cfg: ClusterConfig):
+    """The executor factory a cluster config names."""
+    return mpi_executor if cfg.executor == "mpi" else dask_executor

@@ -44,7 +44,7 @@ def write_corpus(
 
 
 def run_cli(
-    *args: str, check: bool = False, timeout: float = 300, env=None
+    *args: str, check: bool = False, timeout: float = 300, env=None, cwd=None
 ) -> subprocess.CompletedProcess:
     """Run the real `fastserve` command in a subprocess."""
     proc = subprocess.run(
@@ -53,6 +53,7 @@ def run_cli(
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -94,3 +95,28 @@ def read_sorted(folder: Path) -> pa.Table:
         [("id", "ascending")]
         + ([("row_number", "ascending")] if "row_number" in t.column_names else [])
     )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node Slurm (munge, slurmctld, slurmd on loopback) for this test session."""
+    import shutil
+
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(
+            f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        )
+    script = Path(__file__).resolve().parent.parent / "slurm" / "local-cluster.sh"
+    folder = tmp_path_factory.mktemp("slurm")
+    proc = subprocess.run(
+        [str(script), "start", str(folder)], capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"local Slurm did not start:\n{proc.stdout}\n{proc.stderr}")
+    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
+    try:
+        yield folder
+    finally:
+        subprocess.run([str(script), "stop", str(folder)], capture_output=True, timeout=120)
+        os.environ.pop("SLURM_CONF", None)

@@ -30,3 +30,15 @@ def test_memory_benchmark_runs_and_reports_the_ratio():
     )
     assert proc.returncode == 0, proc.stderr
     assert "worker peak ratio 2xN / N" in proc.stdout
+
+
+def test_training_benchmark_runs_at_smoke_size():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.train_pipeline", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "PP2 m=8" in proc.stdout and "DP2" in proc.stdout

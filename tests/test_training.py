@@ -276,3 +276,35 @@ def _gen_toml(workdir):
     p = workdir / "gen.toml"
     p.write_text("[task]\nmax_new_tokens = 8\n")
     return p
+
+
+API_SCRIPT = """
+import json, sys
+from pipeline.distributed.api import DistributedModel
+from pipeline.models.gpt import GPT, GPTConfig
+import torch
+torch.manual_seed(0)
+dm = DistributedModel(GPT(GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=32)), strategy=sys.argv[1])
+hist = dm.fit("corpus", steps=4, batch_size=8, seq_len=32, output=sys.argv[2], lr=3e-3, warmup_steps=1, eval_every=0)
+text = dm.predict(["the movie was", "bad"], max_new_tokens=5)
+if dm.env.rank == 0:
+    print(json.dumps({"losses": [h["loss"] for h in hist], "text": text}))
+"""
+
+
+@pytest.mark.mpi
+def test_python_api_pipeline_equals_single_process(workdir):
+    def run(n, strategy, out):
+        cmd = [sys.executable, "-c", API_SCRIPT, strategy, out]
+        if n > 1:
+            cmd = [str(MPIEXEC), "-n", str(n), *cmd]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=240, env=ENV, cwd=workdir
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    single = run(1, "data_parallel", "api-single")
+    piped = run(2, "pipeline", "api-pp")
+    assert piped["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert piped["text"] == single["text"] and len(single["text"]) == 2

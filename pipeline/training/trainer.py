@@ -70,8 +70,10 @@ def measured_peak_flops(device) -> float:
 
 
 class Trainer:
-    def __init__(self, job: TrainJob, env: DistEnv):
-        self.job, self.env = job, env
+    def __init__(self, job: TrainJob, env: DistEnv, model: torch.nn.Module | None = None):
+        """`model`: an already built GPT or LSTMLM to train (its config must match job.model);
+        by default the model is built from job.model and the seed."""
+        self.job, self.env, self.given = job, env, model
         p = job.parallel
         self.dims = ParallelDims(p.dp, p.tp, p.pp)
         self.dims.validate(env.world_size)
@@ -114,7 +116,11 @@ class Trainer:
     def _build(self) -> None:
         job, env, dims = self.job, self.env, self.dims
         p = job.parallel
-        self.full = build_model(job.model, self.vocab_size, job.train.seed)
+        self.full = (
+            self.given
+            if self.given is not None
+            else build_model(job.model, self.vocab_size, job.train.seed)
+        )
         mesh = dims.build_mesh(env.device.type) if env.world_size > 1 else None
         self.pp_rank = mesh["pp"].get_local_rank() if mesh else 0
         self.dp_rank = mesh["dp"].get_local_rank() if mesh else 0

@@ -1,0 +1,171 @@
+"""sbatch scripts rendered by one pure function, and the one seam that runs Slurm's commands.
+
+    script = render("infer", SlurmConfig(nodes=2, time="04:00:00"), "job.toml")
+    job_id = sbatch(script_path)
+
+The job file's [slurm] table becomes `#SBATCH` directives (sorted), the `setup` lines, and a
+command with every value shell-quoted. Values are validated: a misspelled key lists the valid
+ones; a newline, or a job name outside [A-Za-z0-9._-], is refused, so nothing in a job file can
+add a line to the script or run a command of its own.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, fields
+from importlib import resources
+
+from pipeline.config import _build
+from pipeline.errors import ConfigError, UserError
+
+REQUEUE_CODES = (75, 138, 143)  # training's "requeue me", and 128+SIGUSR1 / 128+SIGTERM
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    ntasks_per_node: int = 3
+    """Tasks per node. infer: one is the Dask scheduler and one the client, the rest are workers
+    (at least 3 in all). train: one MPI rank per task (one per GPU)."""
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    """CPUs per task (torch threads per worker or rank). Unset: Slurm's default (and with
+    overcommit, leave it unset: Slurm refuses the pair on a node smaller than the tasks)."""
+    mem: str | None = None
+    """Memory per node, as sbatch takes it (e.g. 64G)."""
+    time: str = "01:00:00"
+    job_name: str = "fastserve"
+    output: str = "slurm-%j.out"
+    error: str | None = None
+    overcommit: bool = False
+    """Allow more tasks than CPUs (small test nodes)."""
+    signal_grace_s: int = 120
+    """Seconds before the time limit at which the job is warned (USR1) to stop and requeue."""
+    requeue: bool = True
+    extra: tuple[str, ...] = ()
+    """More sbatch options, each one `--name=value` (e.g. "--constraint=a100")."""
+    setup: tuple[str, ...] = ()
+    """Shell lines run before the command: module loads, a venv activation. One line each."""
+
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+_MEM = re.compile(r"^\d+[KMGT]?$")
+_OPTION = re.compile(r"^--[a-z][a-z-]*(=[^\n\r\0]*)?$")
+_WORD = re.compile(r"^[A-Za-z0-9._,:@%/+=-]+$")
+
+
+def slurm_config(table: dict, where: str) -> SlurmConfig:
+    """The [slurm] table as a SlurmConfig; a misspelled key is an error listing the valid ones."""
+    cfg = _build(SlurmConfig, table, "slurm.", where)
+    _check(cfg, where)
+    return cfg
+
+
+def _check(cfg: SlurmConfig, where: str) -> None:
+    def bad(key: str, value, expected: str):
+        raise ConfigError(f"{where}: slurm.{key} = {value!r}; expected {expected}")
+
+    for f in fields(cfg):
+        values = getattr(cfg, f.name)
+        for v in values if isinstance(values, tuple) else [values]:
+            if isinstance(v, str) and any(c in v for c in "\n\r\0"):
+                bad(f.name, v, "a single line (no newline)")
+    if not _NAME.match(cfg.job_name):
+        bad("job_name", cfg.job_name, "letters, digits, '.', '_' or '-' (at most 64)")
+    if not _TIME.match(cfg.time):
+        bad("time", cfg.time, "a Slurm time such as 30, 04:00:00 or 2-00:00:00")
+    if cfg.mem is not None and not _MEM.match(cfg.mem):
+        bad("mem", cfg.mem, "a size such as 64G or 16000M")
+    for key in ("partition", "account", "qos"):
+        v = getattr(cfg, key)
+        if v is not None and not _WORD.match(v):
+            bad(key, v, "a plain name")
+    for path_key in ("output", "error"):
+        v = getattr(cfg, path_key)
+        if v is not None and not _WORD.match(v.replace(" ", "")):
+            bad(
+                path_key,
+                v,
+                "a path of letters, digits and ._-/%+=@, (no quotes, $, ;, or backticks)",
+            )
+    for opt in cfg.extra:
+        if not _OPTION.match(opt):
+            bad("extra", opt, "options of the form --name=value")
+    for key in ("nodes", "ntasks_per_node", "cpus_per_task"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            bad(key, getattr(cfg, key), "a number >= 1")
+
+
+def directives(kind: str, cfg: SlurmConfig) -> list[str]:
+    """The `#SBATCH` lines, sorted by option name."""
+    opts = {
+        "job-name": cfg.job_name,
+        "nodes": str(cfg.nodes),
+        "time": cfg.time,
+        "output": cfg.output,
+        "signal": f"B:USR1@{cfg.signal_grace_s}",
+    }
+    if cfg.overcommit:  # Slurm refuses --ntasks-per-node above the node's CPUs, even overcommitted
+        opts["ntasks"] = str(cfg.nodes * cfg.ntasks_per_node)
+    else:
+        opts["ntasks-per-node"] = str(cfg.ntasks_per_node)
+    for key in ("partition", "account", "qos", "mem", "error", "cpus_per_task"):
+        if getattr(cfg, key) is not None:
+            opts[key.replace("_", "-")] = str(getattr(cfg, key))
+    if cfg.gpus_per_node:
+        opts["gpus-per-node"] = str(cfg.gpus_per_node)
+    flags = [f"--{k}={v}" for k, v in opts.items()]
+    if cfg.requeue:
+        flags.append("--requeue")
+    if cfg.overcommit:
+        flags.append("--overcommit")
+    flags += list(cfg.extra)
+    return [f"#SBATCH {f}" for f in sorted(flags)]
+
+
+def command(kind: str, job_file: str, fastserve: str = "fastserve") -> str:
+    """The step the job runs: every value shell-quoted."""
+    q = shlex.quote
+    if kind == "infer":
+        return f"srun --mpi=pmi2 {fastserve} infer --config {q(job_file)} --executor mpi"
+    if kind == "train":
+        return f"srun --mpi=pmi2 {fastserve} train --config {q(job_file)}"
+    raise ValueError(kind)
+
+
+def render(kind: str, cfg: SlurmConfig, job_file: str, fastserve: str = "fastserve") -> str:
+    """The whole sbatch script for `kind` (infer or train): pure, so golden files pin it."""
+    template = resources.files("slurm").joinpath(f"{kind}.sbatch").read_text()
+    setup = "\n".join(cfg.setup) if cfg.setup else ":"
+    return (
+        template.replace("#@DIRECTIVES", "\n".join(directives(kind, cfg)))
+        .replace("#@SETUP", setup)
+        .replace("#@COMMAND", command(kind, job_file, fastserve))
+    )
+
+
+def run_slurm(args: list[str], timeout: float = 60) -> str:
+    """The one seam through which FastServe runs sbatch, squeue, scontrol, scancel and sacct."""
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise UserError(
+            f"{args[0]} not found: is this a Slurm login node (and SLURM_CONF set)?"
+        ) from None
+    if proc.returncode != 0:
+        raise UserError(
+            f"{' '.join(args[:2])} failed: {proc.stderr.strip() or proc.stdout.strip()}"
+        )
+    return proc.stdout
+
+
+def sbatch(script_path: str, *options: str) -> str:
+    """Submit a script; return the job id."""
+    out = run_slurm(["sbatch", "--parsable", *options, script_path]).strip()
+    return out.split(";")[0]

