@@ -203,12 +203,12 @@ def _piece_from_json(d: dict) -> Piece:
     return Piece(d["key"], rg, d["rows"], d["size"], d.get("problem"))  # type: ignore[arg-type]
 
 
-def read_plan(plan_dir: Path) -> list[Shard]:
-    """Every planned shard of a run folder, oldest generation first."""
+def read_plan(plan_dir: Path, generations: list[Path] | None = None) -> list[Shard]:
+    """Every planned shard of a run folder (or of the given generation files), oldest first."""
     import json
 
     shards: list[Shard] = []
-    for p in sorted(plan_dir.glob("[0-9]*.json")):
+    for p in generations if generations is not None else sorted(plan_dir.glob("[0-9]*.json")):
         for s in json.loads(p.read_text())["shards"]:
             shards.append(Shard(s["id"], tuple(_piece_from_json(x) for x in s["pieces"])))
     return shards
@@ -226,12 +226,15 @@ def plan_run(
     from .manifest import exclusive_write_json
 
     while True:
-        shards = read_plan(plan_dir)
+        # One snapshot gives both what is planned and the next generation's number: if another
+        # planner adds that generation meanwhile, our exclusive create fails and we look again.
+        generations = sorted(plan_dir.glob("[0-9]*.json"))
+        shards = read_plan(plan_dir, generations)
         planned = {p.key for s in shards for p in s.pieces}
         new = {k: v for k, v in files.items() if k not in planned}
         if not new:
             break
-        gen = len(list(plan_dir.glob("[0-9]*.json")))
+        gen = len(generations)
         fresh = plan_new(new, text_column, shard_rows, prefix=f"{gen:05d}")
         doc = {
             "shards": [{"id": s.id, "pieces": [_piece_to_json(p) for p in s.pieces]} for s in fresh]

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -101,15 +102,16 @@ def test_plan_is_persisted_and_extended_for_new_files(tmp_path):
 
 def test_concurrent_planners_agree(tmp_path):
     corpus, plan_dir = tmp_path / "c", tmp_path / "out" / "_manifest" / "plan"
-    for i in range(20):
-        corpus_file(corpus / f"f{i:02d}.parquet", rows=10, row_group_size=10)
+    for i in range(120):
+        corpus_file(corpus / f"f{i:03d}.parquet", rows=10, row_group_size=10)
     files = resolve_inputs([str(corpus)])
-    results = [None] * 4
+    results = [None] * 8
 
     def plan(k):
+        time.sleep(0.004 * k)  # staggered, so a planner can start after another has finished
         results[k] = plan_run(plan_dir, files, "text", 25)
 
-    threads = [threading.Thread(target=plan, args=(k,)) for k in range(4)]
+    threads = [threading.Thread(target=plan, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 BASE = {
     "model": {"arch": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 32, "block_size": 64},
-    "data": {"paths": ["corpus"], "vocab_size": 300, "seq_len": 32},
+    "data": {"paths": ["corpus"], "vocab_size": 320, "seq_len": 32},
     "train": {
         "steps": 6,
         "batch_size": 8,
@@ -308,3 +308,71 @@ def test_python_api_pipeline_equals_single_process(workdir):
     piped = run(2, "pipeline", "api-pp")
     assert piped["losses"] == pytest.approx(single["losses"], abs=1e-5)
     assert piped["text"] == single["text"] and len(single["text"]) == 2
+
+
+@pytest.mark.mpi
+def test_classifier_pipeline_equals_single_learns_and_serves_sentiment(workdir):
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    words = {
+        "positive": ["great", "loved", "wonderful"],
+        "negative": ["terrible", "awful", "broken"],
+    }
+    rows = []
+    for i in range(400):
+        label = rng.choice(sorted(words))
+        text = " ".join(
+            rng.choices(["the", "product", "was", "really", "it"], k=4) + [rng.choice(words[label])]
+        )
+        rows.append((f"c{i}", text, label))
+    (workdir / "labeled").mkdir(exist_ok=True)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [r[0] for r in rows],
+                "text": [r[1] for r in rows],
+                "label": [r[2] for r in rows],
+            }
+        ),
+        workdir / "labeled" / "a.parquet",
+    )
+    changes = dict(
+        model={"arch": "classifier", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+        data={"paths": ["labeled"], "label_column": "label", "vocab_size": 400, "seq_len": 32},
+        train={**BASE["train"], "steps": 60, "eval_every": 30},
+    )
+    single = train(job(workdir, "clf-single", **changes))
+    assert single.returncode == 0, single.stderr[-2000:]
+    piped = train(job(workdir, "clf-pp", parallel={"pp": 2}, **changes), n=2)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert losses(workdir / "clf-pp") == pytest.approx(losses(workdir / "clf-single"), abs=1e-5)
+    last = json.loads((workdir / "clf-pp" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["val_accuracy"] > 0.9
+    # the export serves `infer --task sentiment`, with the corpus's own labels
+    run_cli(
+        "infer",
+        "--task",
+        "sentiment",
+        "--model",
+        workdir / "clf-pp" / "export",
+        "--input",
+        workdir / "labeled",
+        "--output",
+        workdir / "clf-out",
+        "--workers",
+        "1",
+        check=True,
+    )
+    out = read_sorted(workdir / "clf-out")
+    truth = {r[0]: r[2] for r in rows}
+    hits = sum(
+        truth[i] == lab
+        for i, lab in zip(
+            out.column("id").to_pylist(), out.column("label").to_pylist(), strict=True
+        )
+    )
+    assert hits / len(rows) > 0.9

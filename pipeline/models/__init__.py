@@ -8,7 +8,11 @@ from ..errors import ModelError
 from .hf import KIND_NAMES, LoadedModel, check_checkpoint, load_hf, resolve_device, resolve_dtype
 
 # FastServe checkpoint archs by the kind of model they are.
-_FASTSERVE_KINDS = {"gpt": "causal-lm", "lstm": "causal-lm"}
+_FASTSERVE_KINDS = {
+    "gpt": "causal-lm",
+    "lstm": "causal-lm",
+    "classifier": "sequence-classification",
+}
 
 
 def check_model_folder(path: str, kind: str) -> None:
@@ -35,7 +39,31 @@ def load_model(path: str, kind: str, device: str = "auto", dtype: str = "auto") 
         return load_hf(path, kind, device, dtype)
     dev = resolve_device(device)
     model, tokenizer, meta = load_checkpoint(path, dev, resolve_dtype(dtype, dev))
+    if meta["arch"] == "classifier":
+        model = ClassifierAdapter(model)
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, path=path, backend="fastserve")
+
+
+class ClassifierAdapter:
+    """A FastServe classifier behind the face the sentiment task expects of a transformers
+    sequence classifier: `model(input_ids=..., ...).logits` and `config.id2label`."""
+
+    def __init__(self, model):
+        from types import SimpleNamespace
+
+        self.model = model
+        c = model.config
+        self.config = SimpleNamespace(
+            id2label=dict(enumerate(c.labels)),
+            num_labels=len(c.labels),
+            problem_type=None,
+            max_position_embeddings=c.block_size,
+        )
+
+    def __call__(self, input_ids, **_):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.model(input_ids))
 
 
 __all__ = ["LoadedModel", "check_model_folder", "load_model"]

@@ -26,10 +26,15 @@ META = "fastserve.json"
 
 
 def _archs() -> dict:
+    from .classifier import ClassifierConfig, EncoderClassifier
     from .gpt import GPT, GPTConfig
     from .lstm import LSTMLM, LSTMConfig
 
-    return {"gpt": (GPT, GPTConfig), "lstm": (LSTMLM, LSTMConfig)}
+    return {
+        "gpt": (GPT, GPTConfig),
+        "lstm": (LSTMLM, LSTMConfig),
+        "classifier": (EncoderClassifier, ClassifierConfig),
+    }
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..config import load_config
 from ..errors import ConfigError
 
-ARCHS = ("gpt", "lstm")
+ARCHS = ("gpt", "lstm", "classifier")
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 DP_MODES = ("fsdp", "ddp")
 PATH_KEYS = (("data", "paths"), ("data", "tokenizer"), ("output", "path"))
@@ -24,7 +24,8 @@ PATH_KEYS = (("data", "paths"), ("data", "tokenizer"), ("output", "path"))
 @dataclass(frozen=True)
 class TrainModelConfig:
     arch: str = "gpt"
-    """gpt (a decoder LM) or lstm (embedding -> LSTM layers -> softmax over the vocabulary)."""
+    """gpt (a decoder LM), lstm (embedding -> LSTM layers -> softmax over the vocabulary), or
+    classifier (a bidirectional encoder over data.label_column's labels, for infer's sentiment)."""
     n_layer: int = 4
     """Transformer blocks (gpt) or LSTM layers (lstm)."""
     n_head: int = 4
@@ -45,6 +46,8 @@ class TrainDataConfig:
     vocab_size: int = 512
     seq_len: int = 64
     """Tokens per training sequence (documents are packed, eos between them)."""
+    label_column: str | None = None
+    """The label of each row (any strings), for arch = "classifier"."""
     val_fraction: float = 0.1
     """Share of sequences held out for validation."""
 
@@ -125,7 +128,7 @@ def check(cfg: TrainJob, where: str) -> None:
     need(m.arch in ARCHS, f"model.arch is {m.arch!r}; expected one of {', '.join(ARCHS)}")
     need(m.n_layer >= 1 and m.n_embd >= 1, "model.n_layer and model.n_embd must be >= 1")
     need(
-        m.arch != "gpt" or m.n_embd % m.n_head == 0,
+        m.arch == "lstm" or m.n_embd % m.n_head == 0,
         f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})",
     )
     need(
@@ -175,10 +178,19 @@ def check(cfg: TrainJob, where: str) -> None:
             not (p.dp > 1 and p.dp_mode == "ddp" and p.schedule != "1F1B"),
             f'DDP inside a pipeline gives wrong gradients with {p.schedule}; use parallel.dp_mode = "fsdp" (or the 1F1B schedule)',
         )
+    need(
+        d.tokenizer is not None or d.vocab_size >= 300,
+        f"data.vocab_size ({d.vocab_size}) leaves no room for merges in a byte-level BPE "
+        "(256 bytes + special tokens): use 300 or more",
+    )
+    need(
+        m.arch != "classifier" or bool(d.label_column),
+        'model.arch = "classifier" needs data.label_column',
+    )
     if p.tp > 1:
         need(
-            m.arch == "gpt",
-            "tensor parallelism splits attention heads and MLPs: model.arch must be gpt",
+            m.arch != "lstm",
+            "tensor parallelism splits attention heads and MLPs: model.arch must be gpt or classifier",
         )
         need(m.n_head % p.tp == 0, f"model.n_head ({m.n_head}) must divide by parallel.tp ({p.tp})")
 

@@ -19,6 +19,25 @@ from ..plan import is_string_type, resolve_inputs
 SPECIALS = ["<pad>", "<|endoftext|>"]
 
 
+def read_labeled(paths, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    """(texts, labels as strings) of the rows with a non-empty text and a label."""
+    texts, labels = [], []
+    for path in resolve_inputs(paths).values():
+        schema = pq.read_schema(path)
+        if label_column not in schema.names:
+            raise InputError(
+                f"training corpus file {path} has no label column {label_column!r}; set data.label_column"
+            )
+        t = pq.read_table(path, columns=[text_column, label_column])
+        for text, label in zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True):
+            if text and text.strip() and label is not None:
+                texts.append(text)
+                labels.append(str(label))
+    if not texts:
+        raise InputError(f"the training corpus {list(paths)} holds no labeled text")
+    return texts, labels
+
+
 def read_texts(paths, text_column: str) -> list[str]:
     texts: list[str] = []
     for path in resolve_inputs(paths).values():
@@ -116,3 +135,36 @@ class PackedData:
         for k in range(count):
             idx = np.take(self.val, range(k * batch_size, (k + 1) * batch_size), mode="wrap")
             yield self._seqs(idx[part * per : (part + 1) * per])
+
+
+class LabeledData(PackedData):
+    """Texts as fixed-length rows of token ids (truncated, right-padded with 0) and their labels;
+    the same (seed, step) -> batch rule as PackedData."""
+
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int):
+        n = len(ids)
+        if n < 2:
+            raise InputError("the classifier corpus needs at least 2 labeled rows")
+        self.ids, self.labels, self.seed = ids, labels, seed
+        order = np.random.default_rng(seed).permutation(n)
+        n_val = max(1, int(n * val_fraction))
+        self.val, self.train = order[:n_val], order[n_val:]
+
+    def _seqs(self, idx: np.ndarray):
+        import torch
+
+        return torch.from_numpy(self.ids[idx].astype(np.int64)), torch.from_numpy(
+            self.labels[idx].astype(np.int64)
+        )
+
+
+def encode_fixed(texts: list[str], tokenizer_json: Path, seq_len: int) -> np.ndarray:
+    """(N, seq_len) token ids: each text truncated to seq_len, right-padded with 0 (<pad>)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    out = np.zeros((len(texts), seq_len), dtype=np.uint32)
+    for i, enc in enumerate(tok.encode_batch(texts)):
+        ids = enc.ids[:seq_len]
+        out[i, : len(ids)] = ids
+    return out

@@ -36,7 +36,15 @@ from ..distributed.parallelize import (
 )
 from . import checkpoints as ckpt
 from .config import TrainJob
-from .data import PackedData, read_texts, tokenize, train_tokenizer
+from .data import (
+    LabeledData,
+    PackedData,
+    encode_fixed,
+    read_labeled,
+    read_texts,
+    tokenize,
+    train_tokenizer,
+)
 from .model_factory import build_model, flops_per_token
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": the job script requeues on it
@@ -79,6 +87,7 @@ class Trainer:
         self.dims.validate(env.world_size)
         self.run = Path(job.output.path)
         self.stop_requested = 0
+        self.counting: list[int] | None = None  # [correct, total] while evaluating a classifier
         self._prepare_data()
         self._build()
 
@@ -90,15 +99,30 @@ class Trainer:
         d, run = self.job.data, self.run
         tok_json = run / "tokenizer.json"
         tokens_file = run / "data" / "tokens.npy"
+        labels_file = run / "data" / "labels.json"
+        classifier = self.job.model.arch == "classifier"
         if self.env.rank == 0 and not tokens_file.exists():
-            texts = read_texts(d.paths, d.text_column)
+            if classifier:
+                texts, labels = read_labeled(d.paths, d.text_column, d.label_column)
+            else:
+                texts = read_texts(d.paths, d.text_column)
             if d.tokenizer:
                 tok_json.parent.mkdir(parents=True, exist_ok=True)
                 tok_json.write_text(Path(d.tokenizer).read_text())
             elif not tok_json.exists():
                 train_tokenizer(texts, d.vocab_size, tok_json)
-            tokens, eos, vocab = tokenize(texts, tok_json)
             tokens_file.parent.mkdir(parents=True, exist_ok=True)
+            if classifier:  # fixed-length rows of ids, and label ids by sorted label name
+                names = sorted(set(labels))
+                labels_file.write_text(json.dumps(names))
+                index = {n: i for i, n in enumerate(names)}
+                np.save(
+                    run / "data" / "label_ids.npy",
+                    np.array([index[x] for x in labels], dtype=np.int64),
+                )
+                tokens = encode_fixed(texts, tok_json, d.seq_len)
+            else:
+                tokens, _, _ = tokenize(texts, tok_json)
             np.save(tokens_file.with_suffix(".tmp.npy"), tokens, allow_pickle=False)
             os.replace(tokens_file.with_suffix(".tmp.npy"), tokens_file)
         self.env.comm.Barrier()
@@ -109,7 +133,12 @@ class Trainer:
         self.vocab_size = tok.get_vocab_size()
         self.eos = tok.token_to_id("<|endoftext|>")
         tokens = np.load(tokens_file, allow_pickle=False)
-        self.data = PackedData(tokens, d.seq_len, d.val_fraction, self.job.train.seed)
+        self.labels = json.loads(labels_file.read_text()) if classifier else None
+        if classifier:
+            label_ids = np.load(run / "data" / "label_ids.npy", allow_pickle=False)
+            self.data = LabeledData(tokens, label_ids, d.val_fraction, self.job.train.seed)
+        else:
+            self.data = PackedData(tokens, d.seq_len, d.val_fraction, self.job.train.seed)
 
     # -- model, parallelism, optimizer ----------------------------------------------------------
 
@@ -119,7 +148,7 @@ class Trainer:
         self.full = (
             self.given
             if self.given is not None
-            else build_model(job.model, self.vocab_size, job.train.seed)
+            else build_model(job.model, self.vocab_size, job.train.seed, self.labels)
         )
         mesh = dims.build_mesh(env.device.type) if env.world_size > 1 else None
         self.pp_rank = mesh["pp"].get_local_rank() if mesh else 0
@@ -182,6 +211,11 @@ class Trainer:
         }
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.dim() == 2:  # classifier: (B, labels) against (B,)
+            if self.counting is not None:
+                self.counting[0] += int((logits.argmax(-1) == targets).sum())
+                self.counting[1] += len(targets)
+            return F.cross_entropy(logits.float(), targets)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def _autocast(self):
@@ -248,6 +282,7 @@ class Trainer:
     def evaluate(self) -> float:
         t = self.job.train
         losses = []
+        self.counting = [0, 0]
         for x, y in self.data.val_batches(t.batch_size, t.eval_batches, self.dp_rank, self.dims.dp):
             x, y = x.to(self.env.device), y.to(self.env.device)
             with self._autocast():
@@ -267,6 +302,15 @@ class Trainer:
                         torch.stack(out).mean() if out else torch.zeros((), device=self.env.device)
                     )
             losses.append(self._global_loss(loss))
+        correct, total = self.counting
+        self.counting = None
+        if self.job.model.arch == "classifier":
+            from mpi4py import MPI
+
+            # counted on the last stage's ranks only; TP ranks there count the same rows
+            mine = (correct, total) if self.is_last else (0, 0)
+            right, seen = (self.env.comm.allreduce(v, op=MPI.SUM) for v in mine)
+            self.accuracy = right / max(1, seen)
         return sum(losses) / len(losses)
 
     # -- checkpoints and signals ---------------------------------------------------------------
@@ -342,6 +386,9 @@ class Trainer:
             if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
                 val = self.evaluate()
                 record.update(val_loss=val, val_perplexity=math.exp(min(val, 50)))
+                if self.job.model.arch == "classifier":
+                    record.update(val_accuracy=self.accuracy)
+                    del record["val_perplexity"]
             if self.env.rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -376,7 +423,11 @@ class Trainer:
 
     @staticmethod
     def progress_line(r: dict) -> str:
-        val = f"  val {r['val_loss']:.4f} ppl {r['val_perplexity']:.1f}" if "val_loss" in r else ""
+        val = ""
+        if "val_accuracy" in r:
+            val = f"  val {r['val_loss']:.4f} accuracy {r['val_accuracy']:.1%}"
+        elif "val_loss" in r:
+            val = f"  val {r['val_loss']:.4f} ppl {r['val_perplexity']:.1f}"
         return f"step {r['step']:>5}  loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tok/s  mfu {r['mfu']:.1%}{val}"
 
     # -- export --------------------------------------------------------------------------------
@@ -399,7 +450,7 @@ class Trainer:
         state = {}
         for part in gathered:
             state.update({k: torch.from_numpy(np.asarray(v)) for k, v in part.items()})
-        model = build_model(self.job.model, self.vocab_size, self.job.train.seed)
+        model = build_model(self.job.model, self.vocab_size, self.job.train.seed, self.labels)
         model.load_state_dict(state, strict=True)
         return save_checkpoint(
             folder,
