@@ -6,6 +6,7 @@ fastserve infer --config job.toml --workers 4
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -114,8 +115,22 @@ def infer(config_file, **flags) -> None:
     # SIGINT (Ctrl-C), SIGTERM (kill, scancel), SIGUSR1 (Slurm's warning before a time limit)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
+    # Slurm facts, read here (the library knows no Slurm): an array task does its share of the
+    # shards, and the job id is kept in run.json for `fastserve status`.
+    env = os.environ
+    share = (0, 1)
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        share = (int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
+    launcher = {"slurm_job_id": env["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in env else {}
     summary = run_infer(
-        job, executor_for(job.cluster), on_shard=progress.shard, on_start=progress.start, stop=stop
+        job,
+        executor_for(job.cluster),
+        on_shard=progress.shard,
+        on_start=progress.start,
+        stop=stop,
+        share=share,
+        launcher=launcher,
     )
     progress.finish(summary)
     if summary.failed:

@@ -47,6 +47,10 @@ class SlurmConfig:
     signal_grace_s: int = 120
     """Seconds before the time limit at which the job is warned (USR1) to stop and requeue."""
     requeue: bool = True
+    array: int | None = None
+    """infer: split the run over this many array tasks (each does its share of the shards)."""
+    dependency: str | None = None
+    """Set by `fastserve submit pipeline` (afterok:<id>); not for job files."""
     extra: tuple[str, ...] = ()
     """More sbatch options, each one `--name=value` (e.g. "--constraint=a100")."""
     setup: tuple[str, ...] = ()
@@ -97,7 +101,9 @@ def _check(cfg: SlurmConfig, where: str) -> None:
     for opt in cfg.extra:
         if not _OPTION.match(opt):
             bad("extra", opt, "options of the form --name=value")
-    for key in ("nodes", "ntasks_per_node", "cpus_per_task"):
+    if cfg.dependency is not None and not re.match(r"^afterok:\d+(:\d+)*$", cfg.dependency):
+        bad("dependency", cfg.dependency, "afterok:<job id>")
+    for key in ("nodes", "ntasks_per_node", "cpus_per_task", "array"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "a number >= 1")
 
@@ -118,6 +124,13 @@ def directives(kind: str, cfg: SlurmConfig) -> list[str]:
     for key in ("partition", "account", "qos", "mem", "error", "cpus_per_task"):
         if getattr(cfg, key) is not None:
             opts[key.replace("_", "-")] = str(getattr(cfg, key))
+    if cfg.array:
+        opts["array"] = f"0-{cfg.array - 1}"
+    if cfg.dependency:
+        opts["dependency"] = cfg.dependency
+        opts["kill-on-invalid-dep"] = (
+            "yes"  # a failed parent cancels this job, not pends it forever
+        )
     if cfg.gpus_per_node:
         opts["gpus-per-node"] = str(cfg.gpus_per_node)
     flags = [f"--{k}={v}" for k, v in opts.items()]
@@ -150,7 +163,9 @@ def render(kind: str, cfg: SlurmConfig, job_file: str, fastserve: str = "fastser
     )
 
 
-def run_slurm(args: list[str], timeout: float = 60) -> str:
+def run_slurm(
+    args: list[str], timeout: float | None = 60, check: bool = True
+) -> subprocess.CompletedProcess:
     """The one seam through which FastServe runs sbatch, squeue, scontrol, scancel and sacct."""
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
@@ -158,14 +173,18 @@ def run_slurm(args: list[str], timeout: float = 60) -> str:
         raise UserError(
             f"{args[0]} not found: is this a Slurm login node (and SLURM_CONF set)?"
         ) from None
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise UserError(
             f"{' '.join(args[:2])} failed: {proc.stderr.strip() or proc.stdout.strip()}"
         )
-    return proc.stdout
+    return proc
 
 
-def sbatch(script_path: str, *options: str) -> str:
-    """Submit a script; return the job id."""
-    out = run_slurm(["sbatch", "--parsable", *options, script_path]).strip()
-    return out.split(";")[0]
+def sbatch(script_path: str, wait: bool = False) -> tuple[str, int]:
+    """Submit a script; return (job id, exit code: the job's own with `wait`, else 0)."""
+    args = ["sbatch", "--parsable", *(["--wait"] if wait else []), script_path]
+    proc = run_slurm(args, timeout=None, check=False)
+    job_id = proc.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise UserError(f"sbatch failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return job_id, proc.returncode

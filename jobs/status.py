@@ -5,6 +5,7 @@ fastserve status out/
 
 from __future__ import annotations
 
+import re
 import time
 
 import click
@@ -63,3 +64,28 @@ def status(output: str) -> None:
         click.echo(f"last shard   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")
     for sid, reason in ((runs[-1] if runs else {}).get("failed") or {}).items():
         click.echo(f"failed       {sid}: {reason}")
+    jobs = [r["slurm_job_id"] for r in [*runs, active or {}] if r.get("slurm_job_id")]
+    for job_id in dict.fromkeys(jobs):
+        click.echo(f"slurm job   {job_id}: {slurm_state(job_id)}")
+
+
+def slurm_state(job_id: str) -> str:
+    """The job's state from scontrol (while Slurm remembers it: MinJobAge), else sacct."""
+    import shutil
+
+    from .sbatch import run_slurm
+
+    if shutil.which("scontrol"):
+        out = run_slurm(["scontrol", "show", "job", "-o", job_id], check=False).stdout
+        m = re.search(r"JobState=(\S+)", out)
+        if m:
+            code = re.search(r"ExitCode=(\S+)", out)
+            return m.group(1) + (f" (exit {code.group(1)})" if code else "")
+    if shutil.which("sacct"):
+        out = run_slurm(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"], check=False
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            state, code = out.stdout.strip().splitlines()[0].split("|")
+            return f"{state} (exit {code})"
+    return "unknown (Slurm no longer remembers it and has no accounting here)"

@@ -14,34 +14,74 @@ from pathlib import Path
 import click
 
 from pipeline.config import INFER_PATH_KEYS, load_job, read_job_file
+from pipeline.errors import ConfigError
 from pipeline.training.config import PATH_KEYS as TRAIN_PATH_KEYS
 from pipeline.training.config import load_train_job
 
 from .sbatch import render, sbatch, slurm_config
 
 
-def prepare(kind: str, job_file: str) -> str:
+def kind_of(job_file: str) -> str:
+    """infer or train, by the tables of the job file."""
+    raw = read_job_file(job_file)
+    if "input" in raw:
+        return "infer"
+    if "data" in raw or "parallel" in raw:
+        return "train"
+    raise ConfigError(f"{job_file}: neither an infer job ([input]) nor a train job ([data])")
+
+
+def prepare(kind: str, job_file: str, dependency: str | None = None) -> str:
     """Validate the job file for `kind` and render its script (the command: this interpreter)."""
     raw = read_job_file(job_file, INFER_PATH_KEYS if kind == "infer" else TRAIN_PATH_KEYS)
-    cfg = slurm_config(raw.get("slurm", {}), job_file)
+    cfg = slurm_config(
+        {**raw.get("slurm", {}), **({"dependency": dependency} if dependency else {})}, job_file
+    )
+    if cfg.array and kind != "infer":
+        raise ConfigError(
+            f"{job_file}: slurm.array splits an inference run; a train job takes none"
+        )
     (load_job if kind == "infer" else load_train_job)(job_file)  # the job itself must be valid
     fastserve = f"{shlex.quote(sys.executable)} -m jobs"
     return render(kind, cfg, str(Path(job_file).resolve()), fastserve)
 
 
-@click.command()
-@click.argument("kind", type=click.Choice(["infer", "train"]))
-@click.argument("job_file", type=click.Path(dir_okay=False))
-@click.option("--dry-run", is_flag=True, help="Print the sbatch script; submit nothing.")
-@click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its exit code.")
-def submit(kind: str, job_file: str, dry_run: bool, wait: bool) -> None:
-    """Submit an infer or train job file to Slurm."""
-    script = prepare(kind, job_file)
-    if dry_run:
-        click.echo(script, nl=False)
-        return
+def write_script(kind: str, job_file: str, script: str) -> Path:
     folder = Path(job_file).resolve().parent / ".fastserve-sbatch"
     folder.mkdir(exist_ok=True)
     path = folder / f"{Path(job_file).stem}-{kind}.sbatch"
     path.write_text(script)
-    click.echo(sbatch(str(path), *(["--wait"] if wait else [])))
+    return path
+
+
+@click.command()
+@click.argument("kind", type=click.Choice(["infer", "train", "pipeline"]))
+@click.argument("job_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print the sbatch script(s); submit nothing.")
+@click.option(
+    "--wait", is_flag=True, help="Wait for the (last) job to end; exit with its exit code."
+)
+def submit(kind: str, job_files: tuple[str, ...], dry_run: bool, wait: bool) -> None:
+    """Submit job files to Slurm: `infer JOB`, `train JOB`, or `pipeline JOB JOB...` (a chain,
+    e.g. train then infer on its export: each starts after the previous one succeeded, and a
+    failure cancels the rest)."""
+    if kind != "pipeline" and len(job_files) != 1:
+        raise ConfigError(f"submit {kind} takes one job file; use `submit pipeline` for a chain")
+    previous: str | None = None
+    for i, job_file in enumerate(job_files):
+        k = kind_of(job_file) if kind == "pipeline" else kind
+        dependency = (
+            f"afterok:{previous}"
+            if previous and not dry_run
+            else ("afterok:0" if i and dry_run else None)
+        )
+        script = prepare(k, job_file, dependency)
+        if dry_run:
+            click.echo(script, nl=False)
+            continue
+        last = i == len(job_files) - 1
+        previous, code = sbatch(str(write_script(k, job_file, script)), wait=wait and last)
+        click.echo(previous)
+        if code:
+            click.secho(f"job {previous} ended with exit code {code}", err=True, fg="red")
+            sys.exit(code)

@@ -67,8 +67,14 @@ def run_infer(
     on_shard: Callable[[ShardResult, RunSummary], None] | None = None,
     on_start: Callable[[RunSummary, int], None] | None = None,
     stop: Stop | None = None,
+    share: tuple[int, int] = (0, 1),
+    launcher: dict | None = None,
 ) -> RunSummary:
     """Run every shard of `job` that is not complete; return the run's totals.
+
+    `share=(k, n)`: this process does the shards whose plan index is k modulo n (array tasks
+    splitting one run folder; each shard has one owner, so each row is written once).
+    `launcher`: facts about what started the run (e.g. a Slurm job id), kept in run.json.
 
     `on_start(summary, pending)` is called once the cluster is up, `on_shard(result, summary)`
     after each shard, for progress display. Raising `stop.level` drains or abandons the run;
@@ -84,11 +90,14 @@ def run_infer(
     shards = plan_run(run.plan_dir, files, job.input.text_column, job.input.shard_rows)
     records = run.records()
     done = [s for s in shards if records.get(s.id, {}).get("fingerprint") == fp["sha"]]
-    pending = [s for s in shards if s not in done]
+    mine = {s.id for i, s in enumerate(shards) if i % share[1] == share[0]}
+    pending = [s for s in shards if s not in done and s.id in mine]
     summary = RunSummary(output=str(run.root), shards_total=len(shards), shards_skipped=len(done))
     if pending:
         run.success.unlink(missing_ok=True)
-    run.update_run(active={"started": t0, "pid": os.getpid(), "host": socket.gethostname()})
+    run.update_run(
+        active={"started": t0, "pid": os.getpid(), "host": socket.gethostname(), **(launcher or {})}
+    )
 
     token = uuid.uuid4().hex[:8]  # task keys unique to this run, even on a shared scheduler
     with executor_factory(job.cluster) as ex:
@@ -126,6 +135,8 @@ def run_infer(
             "shards_pending": len(pending),
             "failed": summary.failed,
             "interrupted": summary.interrupted,
+            "share": list(share),
+            **(launcher or {}),
         }
     )
     run.update_run(

@@ -38,16 +38,11 @@ def _free_port() -> int:
 
 
 def _abort_hook(comm):
-    previous = sys.excepthook
-
     def hook(kind, value, tb):
         sys.stderr.write(f"[rank {comm.Get_rank()}] uncaught {kind.__name__}; aborting the job\n")
         traceback.print_exception(kind, value, tb)
         sys.stderr.flush()
-        try:
-            previous(kind, value, tb) if previous not in (sys.__excepthook__, hook) else None
-        finally:
-            comm.Abort(1)
+        comm.Abort(1)
 
     return hook
 
@@ -60,6 +55,9 @@ def bootstrap(timeout_s: float = 120, device: str = "auto") -> DistEnv:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    # From here any rank's failure must end the job: before the process group exists the others
+    # would wait in an MPI collective forever. (Installed again below: init replaces it.)
+    sys.excepthook = _abort_hook(comm)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank = local.Get_rank()
     local.Free()

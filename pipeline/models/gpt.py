@@ -63,7 +63,9 @@ class CausalSelfAttention(nn.Module):
         else:  # inference: (B, 1, T, S) boolean, True where attending is allowed
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        return self.o_proj(y), (k, v)
+        # Keys and values are kept only for cached decoding (training returns none: FSDP2 warns
+        # of views leaving a wrapped block).
+        return self.o_proj(y), ((k, v) if mask is not None else None)
 
 
 class MLP(nn.Module):
