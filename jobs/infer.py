@@ -100,6 +100,10 @@ def infer(config_file, **flags) -> None:
     Rerunning the same command resumes: finished shards are skipped, new input files are done.
     """
     job = load_job(config_file, _overrides(**flags))
+    if job.cluster.executor == "mpi":
+        from pipeline.executors import start_mpi_roles
+
+        start_mpi_roles(job.cluster)  # returns only on the client rank
     progress = Progress()
     stop = Stop()
 

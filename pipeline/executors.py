@@ -161,18 +161,17 @@ def dask_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
         cluster.close()
 
 
-@contextmanager
-def mpi_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
-    """Dask over the MPI ranks of an allocation, started by dask-mpi: rank 0 runs the scheduler,
-    ranks 2+ the workers (these calls never return on them), rank 1 continues here as the client.
-    Torch threads per worker: cluster.threads_per_worker, else SLURM_CPUS_PER_TASK."""
+def start_mpi_roles(cfg: ClusterConfig) -> None:
+    """Under `srun`/`mpiexec` with cluster.executor = 'mpi', call this first, before any run
+    logic: rank 0 becomes the Dask scheduler and ranks 2+ workers (dask-mpi; the call never
+    returns on them: they exit when the client is done), and rank 1 returns, to run the job as
+    the client. Only the client touches the run folder."""
     try:
         from dask_mpi import initialize
     except ImportError:
         raise ConfigError(
             "cluster.executor = 'mpi' needs dask-mpi and mpi4py: pip install dask-mpi mpi4py mpich"
         ) from None
-    from distributed import Client
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.Get_size() < 3:
@@ -194,6 +193,14 @@ def mpi_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
         dashboard_address=":0",
         memory_limit=0,
     )
+
+
+@contextmanager
+def mpi_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
+    """The client's side of dask-mpi, after start_mpi_roles: connect to the scheduler of rank 0.
+    Torch threads per worker: cluster.threads_per_worker, else SLURM_CPUS_PER_TASK."""
+    from distributed import Client
+
     threads = cfg.threads_per_worker or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
     client = Client(timeout="60s")
     try:

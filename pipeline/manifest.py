@@ -131,7 +131,12 @@ class RunDir:
         Returns the run record (new, or the existing one when resuming).
         """
         existing = self.read_run()
-        if existing is None and self.root.is_dir() and any(self.root.iterdir()):
+        foreign = (
+            [p for p in self.root.iterdir() if not p.name.startswith(("_", "."))]
+            if self.root.is_dir()
+            else []
+        )
+        if existing is None and foreign:
             raise RunStateError(
                 f"output folder {self.root} is not empty and holds no FastServe run "
                 "(_manifest/run.json); choose an empty or new folder"
@@ -153,7 +158,10 @@ class RunDir:
             existing = None
         if existing is None:
             existing = {"fingerprint": fingerprint, "runs": []}
-            atomic_write_json(self.run_json, existing)
+            try:  # several processes may start one run folder at once (array tasks): one wins
+                exclusive_write_json(self.run_json, existing)
+            except FileExistsError:
+                return self.bind(fingerprint, overwrite=False)
         return existing
 
     def clear(self) -> None:
