@@ -49,6 +49,9 @@ class SlurmConfig:
     requeue: bool = True
     array: int | None = None
     """infer: split the run over this many array tasks (each does its share of the shards)."""
+    array_parallel: int | None = None
+    """At most this many array tasks at once (sbatch's %N). MPI steps of two jobs sharing one
+    node have been seen to collide at start here (MPICH, PMI-2): use 1 on a single-node test cluster."""
     dependency: str | None = None
     """Set by `fastserve submit pipeline` (afterok:<id>); not for job files."""
     extra: tuple[str, ...] = ()
@@ -103,7 +106,7 @@ def _check(cfg: SlurmConfig, where: str) -> None:
             bad("extra", opt, "options of the form --name=value")
     if cfg.dependency is not None and not re.match(r"^afterok:\d+(:\d+)*$", cfg.dependency):
         bad("dependency", cfg.dependency, "afterok:<job id>")
-    for key in ("nodes", "ntasks_per_node", "cpus_per_task", "array"):
+    for key in ("nodes", "ntasks_per_node", "cpus_per_task", "array", "array_parallel"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "a number >= 1")
 
@@ -125,7 +128,9 @@ def directives(kind: str, cfg: SlurmConfig) -> list[str]:
         if getattr(cfg, key) is not None:
             opts[key.replace("_", "-")] = str(getattr(cfg, key))
     if cfg.array:
-        opts["array"] = f"0-{cfg.array - 1}"
+        opts["array"] = f"0-{cfg.array - 1}" + (
+            f"%{cfg.array_parallel}" if cfg.array_parallel else ""
+        )
     if cfg.dependency:
         opts["dependency"] = cfg.dependency
         opts["kill-on-invalid-dep"] = (

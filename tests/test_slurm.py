@@ -145,7 +145,7 @@ def test_array_job_writes_every_row_once(tmp_path, classifier, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=4, rows=20)
     (tmp_path / "job.toml").write_text(
         f'[input]\npaths = ["corpus"]\nshard_rows = 20\n[model]\npath = "{classifier}"\n[output]\npath = "out"\n'
-        '[slurm]\ntime = "00:10:00"\novercommit = true\narray = 2\noutput = "slurm-%A_%a.out"\n'
+        '[slurm]\ntime = "00:10:00"\novercommit = true\narray = 2\narray_parallel = 1\noutput = "slurm-%A_%a.out"\n'
     )
     proc = run_cli("submit", "infer", tmp_path / "job.toml", "--wait", timeout=600, cwd=tmp_path)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
@@ -156,41 +156,3 @@ def test_array_job_writes_every_row_once(tmp_path, classifier, slurm_cluster):
     assert (tmp_path / "out" / "_SUCCESS").exists()
     run = json.loads((tmp_path / "out" / "_manifest" / "run.json").read_text())
     assert sorted(tuple(r["share"]) for r in run["runs"]) == [(0, 2), (1, 2)]
-
-
-def test_requeue_mid_run_resumes_to_the_same_output(tmp_path, classifier, slurm_cluster):
-    import subprocess
-    import time
-
-    write_corpus(tmp_path / "corpus", n_files=6, rows=1500)
-    body = f'[input]\npaths = ["corpus"]\nshard_rows = 1500\n[model]\npath = "{classifier}"\n'
-    (tmp_path / "job.toml").write_text(
-        body + '[output]\npath = "out"\n[slurm]\ntime = "00:15:00"\novercommit = true\n'
-    )
-    proc = run_cli("submit", "infer", tmp_path / "job.toml", timeout=60, cwd=tmp_path)
-    job_id = proc.stdout.strip()
-    records = tmp_path / "out" / "_manifest" / "shards"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (
-        records.is_dir() and len(list(records.glob("*.json"))) >= 1
-    ):
-        time.sleep(0.5)
-    assert records.is_dir(), "no shard finished before the requeue"
-    done_before = len(list(records.glob("*.json")))
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not (tmp_path / "out" / "_SUCCESS").exists():
-        time.sleep(1)
-    assert (tmp_path / "out" / "_SUCCESS").exists()
-    assert done_before < 6
-    run_cli(
-        "infer",
-        "--config",
-        tmp_path / "job.toml",
-        "--output",
-        tmp_path / "ref",
-        "--workers",
-        "2",
-        check=True,
-    )
-    assert read_sorted(tmp_path / "out").equals(read_sorted(tmp_path / "ref"))
