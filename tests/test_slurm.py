@@ -17,6 +17,7 @@ FLAKY_MPI_START = pytest.mark.xfail(
 
 
 @FLAKY_MPI_START
+@pytest.mark.timeout(240)  # a hung start is requeued by the job script: bound the wait
 def test_infer_job_runs_on_dask_inside_the_allocation(tmp_path, classifier, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=3, rows=30)
     (tmp_path / "job.toml").write_text(
@@ -62,6 +63,7 @@ def test_train_job_runs_two_ranks_under_srun(tmp_path, slurm_cluster):
 
 
 @FLAKY_MPI_START
+@pytest.mark.timeout(240)  # a hung start is requeued by the job script: bound the wait
 def test_quoted_paths_stay_inert_in_a_real_job(tmp_path, classifier, slurm_cluster):
     odd = tmp_path / "a b;$(touch PWNED)"
     odd.mkdir()
@@ -95,6 +97,7 @@ def scontrol_state(job_id: str) -> str:
 
 
 @FLAKY_MPI_START
+@pytest.mark.timeout(240)  # a hung start is requeued by the job script: bound the wait
 def test_chain_train_then_infer_on_its_export(tmp_path, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=1, rows=200)
     (tmp_path / "train.toml").write_text(
@@ -152,6 +155,7 @@ def test_a_failing_first_job_cancels_the_rest_of_the_chain(tmp_path, slurm_clust
 
 
 @FLAKY_MPI_START
+@pytest.mark.timeout(240)  # a hung start is requeued by the job script: bound the wait
 def test_array_job_writes_every_row_once(tmp_path, classifier, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=4, rows=20)
     (tmp_path / "job.toml").write_text(
