@@ -89,7 +89,7 @@ def _overrides(**flags) -> dict:
 @click.option(
     "--executor",
     type=click.Choice(EXECUTORS),
-    help="local (a LocalCluster) or mpi (dask-mpi inside an allocation) [local].",
+    help="local (a LocalCluster), slurm (SLURMRunner inside an srun step) or mpi (dask-mpi) [local].",
 )
 @click.option(
     "--overwrite", is_flag=True, default=None, help="Replace a run made with another config."
@@ -100,10 +100,11 @@ def infer(config_file, **flags) -> None:
     Rerunning the same command resumes: finished shards are skipped, new input files are done.
     """
     job = load_job(config_file, _overrides(**flags))
-    if job.cluster.executor == "mpi":
-        from pipeline.executors import start_mpi_roles
+    if job.cluster.executor in ("mpi", "slurm"):
+        from pipeline.executors import start_mpi_roles, start_slurm_roles
 
-        start_mpi_roles(job.cluster)  # returns only on the client rank
+        # returns only on the client's task; the scheduler and workers exit when it is done
+        (start_mpi_roles if job.cluster.executor == "mpi" else start_slurm_roles)(job.cluster)
     progress = Progress()
     stop = Stop()
 

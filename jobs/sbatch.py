@@ -20,8 +20,6 @@ from importlib import resources
 from pipeline.config import _build
 from pipeline.errors import ConfigError, UserError
 
-REQUEUE_CODES = (75, 138, 143)  # training's "requeue me", and 128+SIGUSR1 / 128+SIGTERM
-
 
 @dataclass(frozen=True)
 class SlurmConfig:
@@ -47,11 +45,12 @@ class SlurmConfig:
     signal_grace_s: int = 120
     """Seconds before the time limit at which the job is warned (USR1) to stop and requeue."""
     requeue: bool = True
+    max_requeues: int = 5
+    """A job stopped by the time-limit warning requeues itself at most this many times."""
     array: int | None = None
     """infer: split the run over this many array tasks (each does its share of the shards)."""
     array_parallel: int | None = None
-    """At most this many array tasks at once (sbatch's %N). MPI steps of two jobs sharing one
-    node have been seen to collide at start here (MPICH, PMI-2): use 1 on a single-node test cluster."""
+    """At most this many array tasks at once (sbatch's %N)."""
     dependency: str | None = None
     """Set by `fastserve submit pipeline` (afterok:<id>); not for job files."""
     extra: tuple[str, ...] = ()
@@ -106,6 +105,8 @@ def _check(cfg: SlurmConfig, where: str) -> None:
             bad("extra", opt, "options of the form --name=value")
     if cfg.dependency is not None and not re.match(r"^afterok:\d+(:\d+)*$", cfg.dependency):
         bad("dependency", cfg.dependency, "afterok:<job id>")
+    if cfg.max_requeues < 0:
+        bad("max_requeues", cfg.max_requeues, "a number >= 0")
     for key in ("nodes", "ntasks_per_node", "cpus_per_task", "array", "array_parallel"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "a number >= 1")
@@ -119,6 +120,7 @@ def directives(kind: str, cfg: SlurmConfig) -> list[str]:
         "time": cfg.time,
         "output": cfg.output,
         "signal": f"B:USR1@{cfg.signal_grace_s}",
+        "open-mode": "append",  # a requeued job adds to its log instead of replacing it
     }
     if cfg.overcommit:  # Slurm refuses --ntasks-per-node above the node's CPUs, even overcommitted
         opts["ntasks"] = str(cfg.nodes * cfg.ntasks_per_node)
@@ -151,9 +153,9 @@ def command(kind: str, job_file: str, fastserve: str = "fastserve") -> str:
     """The step the job runs: every value shell-quoted."""
     q = shlex.quote
     if kind == "infer":
-        return f"srun --mpi=pmi2 {fastserve} infer --config {q(job_file)} --executor mpi"
+        return f"srun {fastserve} infer --config {q(job_file)} --executor slurm"
     if kind == "train":
-        return f"srun --mpi=pmi2 {fastserve} train --config {q(job_file)}"
+        return f"srun --mpi=pmi2 --kill-on-bad-exit=1 {fastserve} train --config {q(job_file)}"
     raise ValueError(kind)
 
 
@@ -165,6 +167,7 @@ def render(kind: str, cfg: SlurmConfig, job_file: str, fastserve: str = "fastser
         template.replace("#@DIRECTIVES", "\n".join(directives(kind, cfg)))
         .replace("#@SETUP", setup)
         .replace("#@COMMAND", command(kind, job_file, fastserve))
+        .replace("#@MAX_REQUEUES", str(cfg.max_requeues if cfg.requeue else 0))
     )
 
 

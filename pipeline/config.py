@@ -30,7 +30,7 @@ POOLING = ("auto", "mean", "cls", "max")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_LONG = ("truncate", "reject")
-EXECUTORS = ("local", "mpi")
+EXECUTORS = ("local", "slurm", "mpi")
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,10 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     """Interface a started scheduler listens on: loopback unless told otherwise."""
     executor: str = "local"
-    """local: a LocalCluster started here (or scheduler_address); mpi: Dask started by dask-mpi
-    over the MPI ranks of a Slurm allocation (`srun --mpi=pmi2 -n N fastserve infer ...`):
-    rank 0 the scheduler, rank 1 this client, the others workers."""
+    """local: a LocalCluster started here (or scheduler_address). slurm: Dask started inside a
+    Slurm job step by dask-jobqueue's SLURMRunner (`srun -n N fastserve infer ...`; what
+    `fastserve submit infer` runs): task 0 the scheduler, task 1 this client, the others
+    workers. mpi: the same roles from dask-mpi over MPI ranks (`mpiexec -n N fastserve infer ...`)."""
 
 
 @dataclass(frozen=True)

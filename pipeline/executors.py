@@ -11,8 +11,10 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from .config import ClusterConfig
@@ -209,6 +211,117 @@ def mpi_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
         client.close()
 
 
+SCHEDULER_FILE_ENV = "FASTSERVE_SCHEDULER_FILE"
+
+
+def _slurm_step() -> tuple[int, int]:
+    """(SLURM_PROCID, SLURM_NTASKS) of this task of an srun step."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env or "SLURM_JOB_ID" not in env:
+        raise ConfigError(
+            "cluster.executor = 'slurm' runs inside a Slurm job step: launch with "
+            "`srun -n 3 fastserve infer ...` (or `fastserve submit infer`), or use executor = 'local'"
+        )
+    return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+
+
+def slurm_scheduler_file() -> str:
+    """Where the step's scheduler writes its address: $FASTSERVE_SCHEDULER_FILE (the job script
+    sets it, on a filesystem every node sees, and removes a stale one before `srun`)."""
+    path = os.environ.get(SCHEDULER_FILE_ENV)
+    if not path:
+        submit_dir = os.environ.get("SLURM_SUBMIT_DIR", os.getcwd())
+        path = os.path.join(submit_dir, f"dask-scheduler-{os.environ['SLURM_JOB_ID']}.json")
+    return path
+
+
+def start_slurm_roles(cfg: ClusterConfig) -> None:
+    """Under `srun -n N` with cluster.executor = 'slurm', call this first, before any run logic:
+    task 0 becomes the Dask scheduler and tasks 2+ workers (dask-jobqueue's SLURMRunner, which
+    meets through a scheduler file; no MPI), each returning only when the client shuts the
+    cluster down (then the process exits 0); task 1 returns at once, to run the job as the client.
+    Only the client touches the run folder."""
+    procid, ntasks = _slurm_step()
+    if ntasks < 3:
+        raise ConfigError(
+            f"cluster.executor = 'slurm' needs at least 3 tasks (scheduler, client, a worker), got "
+            f"{ntasks}; set slurm.ntasks_per_node (or srun -n) to 3 or more"
+        )
+    if procid == 1:
+        return
+    try:
+        from dask_jobqueue.slurm import SLURMRunner
+    except ImportError:
+        raise ConfigError(
+            "cluster.executor = 'slurm' needs dask-jobqueue: pip install dask-jobqueue"
+        ) from None
+    # Slurm's warning signal reaches every task; only the client acts on it (it drains the run).
+    # The scheduler and workers must outlive it to finish in-flight shards.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    # One node: everything on loopback. Several: the nodes' own addresses.
+    single = os.environ.get("SLURM_NNODES", "1") == "1" and cfg.host.startswith("127.")
+    where = {"host": cfg.host} if single else {}
+    threads = cfg.threads_per_worker or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class EndWithTheClient(SchedulerPlugin):
+        """The scheduler closes (and its workers with it) when the client leaves, also when it
+        was killed without shutting the cluster down: the step then ends with the client's exit
+        code, instead of waiting for its time limit."""
+
+        def remove_client(self, scheduler, client: str) -> None:
+            if not any(c != "fire-and-forget" for c in scheduler.clients if c != client):
+                asyncio.get_running_loop().create_task(scheduler.close(reason="client left"))
+
+    class Runner(SLURMRunner):
+        async def on_scheduler_start(self, scheduler) -> None:
+            scheduler.add_plugin(EndWithTheClient())
+
+    try:
+        Runner(
+            scheduler_file=slurm_scheduler_file(),
+            scheduler_options={**where, "dashboard_address": ":0"},
+            worker_options={
+                **where,
+                "nthreads": 1,
+                "memory_limit": 0,
+                "death_timeout": DEATH_TIMEOUT_S,  # the scheduler gone: exit
+            },
+        )
+    except KeyboardInterrupt:  # how the runner ends a scheduler or worker that is done
+        pass
+    sys.exit(0)
+
+
+@contextmanager
+def slurm_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
+    """The client's side (task 1) after start_slurm_roles: connect through the scheduler file,
+    wait for the workers, run; shut the whole cluster down at the end, so the step ends."""
+    from distributed import Client
+
+    _, ntasks = _slurm_step()
+    threads = cfg.threads_per_worker or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    path = slurm_scheduler_file()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"no Dask scheduler wrote {path} within 120 s; see the job's output for task 0"
+            )
+        time.sleep(0.2)
+    client = Client(scheduler_file=path, timeout="60s")
+    try:
+        client.wait_for_workers(1, timeout=120)
+        yield DaskExecutor(client, threads)
+    finally:
+        with suppress(Exception):
+            client.shutdown()  # the scheduler and every worker exit: the srun step ends
+        client.close()
+
+
 def executor_for(cfg: ClusterConfig):
     """The executor factory a cluster config names."""
-    return mpi_executor if cfg.executor == "mpi" else dask_executor
+    return {"mpi": mpi_executor, "slurm": slurm_executor}.get(cfg.executor, dask_executor)

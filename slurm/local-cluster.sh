@@ -31,14 +31,38 @@ stop_pid() {  # SIGTERM, wait up to 5 s, then SIGKILL
   rm -f "$pidfile"
 }
 
+ours() {  # this cluster's daemons, its step daemons (which outlive slurmd, detached, when a job
+  # hangs) and their descendants (the jobs' tasks). The daemons carry FASTSERVE_LOCAL_SLURM=DIR in
+  # their environment; step daemons clear theirs but work in DIR/log. Never by name: other Slurms
+  # may run here. This script and its callers are spared.
+  local roots=() e p cwd mine=" $$ " q=$$
+  while [[ "$q" -gt 1 ]]; do q=$(awk '{print $4}' "/proc/$q/stat" 2>/dev/null || echo 1); mine+="$q "; done
+  for e in /proc/[0-9]*/environ; do
+    p=${e#/proc/}; p=${p%/environ}
+    [[ "$mine" == *" $p "* ]] && continue
+    cwd=$(readlink "/proc/$p/cwd" 2>/dev/null || true)
+    if [[ "$cwd" == "$dir/log" ]] \
+       || { tr '\0' '\n' < "$e"; } 2>/dev/null | grep -qxF "FASTSERVE_LOCAL_SLURM=$dir"; then
+      roots+=("$p")
+    fi
+  done
+  [[ ${#roots[@]} -gt 0 ]] || return 0
+  ps -eo pid=,ppid= | awk -v roots="${roots[*]}" -v mine="$mine" '
+    BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) keep[r[i]] = 1
+            m = split(mine, s, " "); for (i = 1; i <= m; i++) spare[s[i]] = 1 }
+    { if (!($1 in spare)) parent[$1] = $2 }
+    END { grew = 1; while (grew) { grew = 0; for (p in parent) if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; grew = 1 } }
+          for (p in keep) print p }'
+}
+
 stop() {
-  # Step daemons of jobs still running are children of slurmd: take them down with it.
-  if [[ -f "$dir/slurmd.pid" ]]; then
-    for p in $(pgrep -P "$(cat "$dir/slurmd.pid")" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-  fi
+  local left
+  left=$(ours)
   stop_pid "$dir/slurmd.pid"
   stop_pid "$dir/slurmctld.pid"
   stop_pid "$dir/munge/munged.pid"
+  # Step daemons and job tasks still running (a hung job): SIGKILL, they may ignore SIGTERM.
+  for p in $left; do alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
 }
 
 start() {
@@ -50,6 +74,7 @@ start() {
   chmod 0755 "$dir/munge"
   dd if=/dev/urandom bs=1 count=1024 of="$dir/munge/munge.key" status=none
   chmod 0400 "$dir/munge/munge.key"
+  export FASTSERVE_LOCAL_SLURM="$dir"  # marks the daemons and what they start (see ours)
   munged --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
     --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
 
@@ -59,7 +84,7 @@ ClusterName=fastserve-local
 SlurmctldHost=${host}(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
 CryptoType=crypto/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

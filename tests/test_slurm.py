@@ -1,6 +1,9 @@
 """Against a real local Slurm (slurm/local-cluster.sh): submit, run inside the allocation, finish."""
 
 import json
+import re
+import subprocess
+import time
 
 import pytest
 
@@ -8,16 +11,7 @@ from conftest import read_sorted, run_cli, write_corpus
 
 pytestmark = pytest.mark.slurm
 
-FLAKY_MPI_START = pytest.mark.xfail(
-    strict=False,
-    reason="Dask started by dask-mpi under `srun --mpi=pmi2` sometimes hangs at start on the single-node "
-    "test cluster (all ranks spinning, no output); under investigation (issue 6 notes). The job's "
-    "time limit bounds the hang.",
-)
 
-
-@FLAKY_MPI_START
-@pytest.mark.timeout(240)  # a hung start is requeued by the job script: bound the wait
 def test_infer_job_runs_on_dask_inside_the_allocation(tmp_path, classifier, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=3, rows=30)
     (tmp_path / "job.toml").write_text(
@@ -62,8 +56,6 @@ def test_train_job_runs_two_ranks_under_srun(tmp_path, slurm_cluster):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-@FLAKY_MPI_START
-@pytest.mark.timeout(240)  # a hung start is requeued by the job script: bound the wait
 def test_quoted_paths_stay_inert_in_a_real_job(tmp_path, classifier, slurm_cluster):
     odd = tmp_path / "a b;$(touch PWNED)"
     odd.mkdir()
@@ -85,19 +77,31 @@ TRAIN_TOML = (
 )
 
 
-def scontrol_state(job_id: str) -> str:
-    import re
-    import subprocess
-
+def scontrol_job(job_id: str) -> dict[str, str]:
     out = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True
     ).stdout
-    m = re.search(r"JobState=(\S+)", out)
-    return m.group(1) if m else ""
+    return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
-@FLAKY_MPI_START
-@pytest.mark.timeout(240)  # a hung start is requeued by the job script: bound the wait
+def scontrol_state(job_id: str) -> str:
+    return scontrol_job(job_id).get("JobState", "")
+
+
+def wait_until_ended(job_id: str, timeout: float = 240) -> dict[str, str]:
+    """The job's fields once it has ended for good (a requeued job passes through PENDING)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = scontrol_job(job_id)
+        if job.get("JobState") in ENDED:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {scontrol_state(job_id)} after {timeout} s")
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
 def test_chain_train_then_infer_on_its_export(tmp_path, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=1, rows=200)
     (tmp_path / "train.toml").write_text(
@@ -144,8 +148,6 @@ def test_a_failing_first_job_cancels_the_rest_of_the_chain(tmp_path, slurm_clust
     )
     assert proc.returncode == 0, proc.stderr
     first, second = proc.stdout.split()
-    import time
-
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and scontrol_state(second) in ("PENDING", ""):
         time.sleep(1)
@@ -154,13 +156,11 @@ def test_a_failing_first_job_cancels_the_rest_of_the_chain(tmp_path, slurm_clust
     assert not (tmp_path / "gen").exists()
 
 
-@FLAKY_MPI_START
-@pytest.mark.timeout(240)  # a hung start is requeued by the job script: bound the wait
 def test_array_job_writes_every_row_once(tmp_path, classifier, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=4, rows=20)
     (tmp_path / "job.toml").write_text(
         f'[input]\npaths = ["corpus"]\nshard_rows = 20\n[model]\npath = "{classifier}"\n[output]\npath = "out"\n'
-        '[slurm]\ntime = "00:03:00"\novercommit = true\narray = 2\narray_parallel = 1\noutput = "slurm-%A_%a.out"\n'
+        '[slurm]\ntime = "00:03:00"\novercommit = true\narray = 2\noutput = "slurm-%A_%a.out"\n'
     )
     proc = run_cli("submit", "infer", tmp_path / "job.toml", "--wait", timeout=600, cwd=tmp_path)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
@@ -171,3 +171,66 @@ def test_array_job_writes_every_row_once(tmp_path, classifier, slurm_cluster):
     assert (tmp_path / "out" / "_SUCCESS").exists()
     run = json.loads((tmp_path / "out" / "_manifest" / "run.json").read_text())
     assert sorted(tuple(r["share"]) for r in run["runs"]) == [(0, 2), (1, 2)]
+
+
+@pytest.fixture
+def slow_job(tmp_path, tmp_path_factory, slurm_cluster):
+    """A generation job of 16 one-second shards: slow enough to interrupt mid-way."""
+    from tiny_models import build_gpt2
+
+    model = build_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
+    write_corpus(tmp_path / "corpus", n_files=16, rows=10)
+    (tmp_path / "job.toml").write_text(
+        f'[input]\npaths = ["corpus"]\nshard_rows = 10\n[model]\npath = "{model}"\n'
+        '[task]\nname = "generate"\nmax_new_tokens = 48\nbatch_size = 2\n[output]\npath = "out"\n'
+        '[cluster]\nworkers = 1\n[slurm]\ntime = "00:05:00"\novercommit = true\n'
+    )
+    return tmp_path / "job.toml"
+
+
+def interrupt_mid_run(job_file, signal_it) -> dict[str, str]:
+    """Submit, wait for the first finished shard, call signal_it(job_id), wait for the end."""
+    folder = job_file.parent
+    proc = run_cli("submit", "infer", job_file, cwd=folder, check=True)
+    job_id = proc.stdout.strip()
+    deadline = time.monotonic() + 180
+    while not list((folder / "out").glob("part-*.parquet")):
+        assert time.monotonic() < deadline and scontrol_state(job_id) not in ENDED, "".join(
+            p.read_text() for p in folder.glob("slurm-*.out")
+        )
+        time.sleep(0.2)
+    signal_it(job_id)
+    job = wait_until_ended(job_id)
+    logs = "".join(p.read_text() for p in folder.glob("slurm-*.out"))
+    assert job["JobState"] == "COMPLETED", logs
+    assert int(job["Restarts"]) >= 1, logs
+    return job
+
+
+def assert_equals_an_uninterrupted_run(job_file):
+    folder = job_file.parent
+    run_cli("infer", "--config", job_file, "--output", folder / "local", check=True)
+    got, want = read_sorted(folder / "out"), read_sorted(folder / "local")
+    assert got.num_rows == 160 and got.equals(want)
+    assert (folder / "out" / "_SUCCESS").exists()
+
+
+def test_time_limit_warning_drains_requeues_and_the_rerun_resumes(slow_job):
+    # What Slurm sends the batch shell <grace> seconds before the time limit (--signal=B:USR1@grace)
+    def warn(job_id):
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+
+    interrupt_mid_run(slow_job, warn)
+    logs = "".join(p.read_text() for p in slow_job.parent.glob("slurm-*.out"))
+    assert "requeueing job" in logs and "finishing running shards" in logs
+    assert_equals_an_uninterrupted_run(slow_job)
+    runs = json.loads((slow_job.parent / "out" / "_manifest" / "run.json").read_text())["runs"]
+    assert len(runs) >= 2  # the requeued job resumed the same run folder
+
+
+def test_scontrol_requeue_mid_run_equals_an_uninterrupted_run(slow_job):
+    def requeue(job_id):
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+
+    interrupt_mid_run(slow_job, requeue)
+    assert_equals_an_uninterrupted_run(slow_job)
