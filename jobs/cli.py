@@ -30,12 +30,13 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import infer, status, submit, train
+    from . import infer, schedule, status, submit, train
 
     cli.add_command(infer.infer)
     cli.add_command(status.status)
     cli.add_command(train.train)
     cli.add_command(submit.submit)
+    cli.add_command(schedule.schedule)
 
 
 _register()

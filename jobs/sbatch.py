@@ -159,8 +159,11 @@ def command(kind: str, job_file: str, fastserve: str = "fastserve") -> str:
     raise ValueError(kind)
 
 
-def render(kind: str, cfg: SlurmConfig, job_file: str, fastserve: str = "fastserve") -> str:
-    """The whole sbatch script for `kind` (infer or train): pure, so golden files pin it."""
+def render(
+    kind: str, cfg: SlurmConfig, job_file: str, fastserve: str = "fastserve", after: str = ""
+) -> str:
+    """The whole sbatch script for `kind` (infer or train): pure, so golden files pin it.
+    `after`: shell lines run once the step has ended for good (a scheduled run's next submission)."""
     template = resources.files("slurm").joinpath(f"{kind}.sbatch").read_text()
     setup = "\n".join(cfg.setup) if cfg.setup else ":"
     return (
@@ -168,6 +171,7 @@ def render(kind: str, cfg: SlurmConfig, job_file: str, fastserve: str = "fastser
         .replace("#@SETUP", setup)
         .replace("#@COMMAND", command(kind, job_file, fastserve))
         .replace("#@MAX_REQUEUES", str(cfg.max_requeues if cfg.requeue else 0))
+        .replace("#@AFTER\n", after + "\n" if after else "")
     )
 
 
@@ -188,9 +192,16 @@ def run_slurm(
     return proc
 
 
-def sbatch(script_path: str, wait: bool = False) -> tuple[str, int]:
-    """Submit a script; return (job id, exit code: the job's own with `wait`, else 0)."""
-    args = ["sbatch", "--parsable", *(["--wait"] if wait else []), script_path]
+def sbatch(script_path: str, wait: bool = False, begin: str | None = None) -> tuple[str, int]:
+    """Submit a script; return (job id, exit code: the job's own with `wait`, else 0).
+    `begin`: not before this time (sbatch --begin, e.g. 2026-11-29T02:00:00)."""
+    args = [
+        "sbatch",
+        "--parsable",
+        *(["--wait"] if wait else []),
+        *([f"--begin={begin}"] if begin else []),
+        script_path,
+    ]
     proc = run_slurm(args, timeout=None, check=False)
     job_id = proc.stdout.strip().split(";")[0]
     if not job_id.isdigit():

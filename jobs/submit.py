@@ -31,7 +31,12 @@ def kind_of(job_file: str) -> str:
     raise ConfigError(f"{job_file}: neither an infer job ([input]) nor a train job ([data])")
 
 
-def prepare(kind: str, job_file: str, dependency: str | None = None) -> str:
+def fastserve_command() -> str:
+    """How a job script runs FastServe: this interpreter, so the job sees the same install."""
+    return f"{shlex.quote(sys.executable)} -m jobs"
+
+
+def prepare(kind: str, job_file: str, dependency: str | None = None, after: str = "") -> str:
     """Validate the job file for `kind` and render its script (the command: this interpreter)."""
     raw = read_job_file(job_file, INFER_PATH_KEYS if kind == "infer" else TRAIN_PATH_KEYS)
     cfg = slurm_config(
@@ -42,8 +47,7 @@ def prepare(kind: str, job_file: str, dependency: str | None = None) -> str:
             f"{job_file}: slurm.array splits an inference run; a train job takes none"
         )
     (load_job if kind == "infer" else load_train_job)(job_file)  # the job itself must be valid
-    fastserve = f"{shlex.quote(sys.executable)} -m jobs"
-    return render(kind, cfg, str(Path(job_file).resolve()), fastserve)
+    return render(kind, cfg, str(Path(job_file).resolve()), fastserve_command(), after)
 
 
 def write_script(kind: str, job_file: str, script: str) -> Path:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .config import JobConfig
 from .dedupe import find_duplicates, pending_hashes, written_hashes
 from .fingerprint import fingerprint
-from .manifest import RunDir, atomic_write_bytes
+from .manifest import RunDir, atomic_write_bytes, atomic_write_json
 from .plan import plan_run, resolve_inputs
 from .runner import ShardResult, run_shard
 from .tasks import check_model
@@ -99,6 +99,7 @@ def run_infer(
         active={"started": t0, "pid": os.getpid(), "host": socket.gethostname(), **(launcher or {})}
     )
 
+    this_run = dict.fromkeys(("shards", "rows_in", "rows_out", "rows_rejected", "tokens"), 0)
     token = uuid.uuid4().hex[:8]  # task keys unique to this run, even on a shared scheduler
     with executor_factory(job.cluster) as ex:
         summary.dashboard = getattr(ex, "dashboard_link", None)
@@ -121,6 +122,10 @@ def run_infer(
                 continue
             if res.error:
                 summary.failed[shard.id] = res.error
+            else:
+                this_run["shards"] += 1
+                for k in ("rows_in", "rows_out", "rows_rejected", "tokens"):
+                    this_run[k] += getattr(res, k)
             if on_shard:
                 on_shard(res, summary)
     summary.interrupted = stop.level > 0
@@ -128,29 +133,32 @@ def run_infer(
     _totals(summary, run, shards, fp["sha"])
     summary.seconds = time.time() - t0
     history = (run.read_run() or {}).get("runs", [])
-    history.append(
-        {
-            "started": t0,
-            "finished": time.time(),
-            "shards_pending": len(pending),
-            "failed": summary.failed,
-            "interrupted": summary.interrupted,
-            "share": list(share),
-            **(launcher or {}),
-        }
-    )
-    run.update_run(
-        active=None,
-        runs=history,
-        totals={
-            "shards": summary.shards_total,
-            "shards_done": summary.shards_done,
-            "rows_in": summary.rows_in,
-            "rows_out": summary.rows_out,
-            "rows_rejected": summary.rows_rejected,
-            "rejected_by_reason": summary.rejected_by_reason,
-            "tokens": summary.tokens,
-        },
+    entry = {
+        "started": t0,
+        "finished": time.time(),
+        "shards_pending": len(pending),
+        "processed": this_run,
+        "failed": summary.failed,
+        "interrupted": summary.interrupted,
+        "share": list(share),
+        **(launcher or {}),
+    }
+    history.append(entry)
+    totals = {
+        "shards": summary.shards_total,
+        "shards_done": summary.shards_done,
+        "rows_in": summary.rows_in,
+        "rows_out": summary.rows_out,
+        "rows_rejected": summary.rows_rejected,
+        "rejected_by_reason": summary.rejected_by_reason,
+        "tokens": summary.tokens,
+    }
+    run.update_run(active=None, runs=history, totals=totals)
+    # A dated summary per run (what a nightly run did), beside the cumulative totals.
+    stamp = time.strftime("%Y-%m-%dT%H%M%S", time.localtime(t0))
+    atomic_write_json(
+        run.summaries_dir / f"{stamp}-{os.getpid()}.json",
+        {**entry, "task": job.task.name, "complete": summary.ok, "totals": totals},
     )
     if summary.ok:
         atomic_write_bytes(run.success, b"")

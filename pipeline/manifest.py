@@ -86,6 +86,11 @@ class RunDir:
         return self.root / "_SUCCESS"
 
     @property
+    def summaries_dir(self) -> Path:
+        """One dated JSON per run of the command (what that run did), for reports."""
+        return self.manifest / "summaries"
+
+    @property
     def plan_dir(self) -> Path:
         return self.manifest / "plan"
 

@@ -160,6 +160,34 @@ def infer(tmp_path, classifier, corpus, **extra):
     return run_cli(*args)
 
 
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+def test_dask_started_by_dask_mpi_over_mpiexec_ranks(tmp_path, classifier):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import FASTSERVE, read_sorted
+
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("mpiexec (the mpich wheel) is not installed")
+    write_corpus(tmp_path / "corpus", n_files=3, rows=20)
+    args = ["infer", "--task", "sentiment", "--model", str(classifier)]
+    args += ["--input", str(tmp_path / "corpus"), "--shard-rows", "20"]
+    proc = subprocess.run(
+        [str(mpiexec), "-n", "3", *FASTSERVE, *args, "--output", str(tmp_path / "mpi")]
+        + ["--executor", "mpi"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "complete: 3/3 shards" in proc.stdout + proc.stderr
+    run_cli(*args, "--output", tmp_path / "local", "--workers", "1", check=True)
+    assert read_sorted(tmp_path / "mpi").equals(read_sorted(tmp_path / "local"))
+
+
 def test_text_column_of_the_wrong_type(tmp_path, classifier):
     write_corpus(tmp_path / "c", 1, 5)
     pq.write_table(pa.table({"id": ["x"], "text": [3]}), tmp_path / "c" / "bad.parquet")

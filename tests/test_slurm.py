@@ -234,3 +234,49 @@ def test_scontrol_requeue_mid_run_equals_an_uninterrupted_run(slow_job):
 
     interrupt_mid_run(slow_job, requeue)
     assert_equals_an_uninterrupted_run(slow_job)
+
+
+def test_a_schedule_runs_again_and_the_next_run_takes_only_new_files(
+    tmp_path, classifier, slurm_cluster
+):
+    write_corpus(tmp_path / "corpus", n_files=2, rows=20)
+    (tmp_path / "job.toml").write_text(
+        f'[input]\npaths = ["corpus"]\nshard_rows = 20\n[model]\npath = "{classifier}"\n'
+        '[output]\npath = "out"\n[slurm]\ntime = "00:03:00"\novercommit = true\n'
+    )
+    env = {"FASTSERVE_HOME": str(tmp_path / "home")}
+    proc = run_cli("schedule", tmp_path / "job.toml", "--every", "30s", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "schedule job: job" in proc.stdout
+    summaries = tmp_path / "out" / "_manifest" / "summaries"
+
+    def wait_for_summaries(n: int) -> list[dict]:
+        deadline = time.monotonic() + 150
+        while len(list(summaries.glob("*.json"))) < n:
+            logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+            assert time.monotonic() < deadline, f"no run {n} of the schedule:\n{logs}"
+            time.sleep(0.5)
+        return [json.loads(p.read_text()) for p in sorted(summaries.glob("*.json"))]
+
+    first = wait_for_summaries(1)[0]
+    assert first["processed"]["shards"] == 2 and first["processed"]["rows_out"] == 40
+    # files that arrive between two runs: the next run does them, and only them
+    (late,) = write_corpus(tmp_path / "late", n_files=1, rows=20, prefix="late")
+    late.rename(tmp_path / "corpus" / "late-000.parquet")
+    second = wait_for_summaries(2)[1]
+    assert second["processed"]["shards"] == 1 and second["processed"]["rows_out"] == 20
+    assert second["totals"]["rows_out"] == 60 and second["complete"]
+    assert second["started"] - first["started"] >= 25  # the period, not back to back
+    listing = run_cli("schedule", "--list", env=env, check=True).stdout
+    assert listing.startswith("job ") and "every 30s" in listing
+    entry = tmp_path / "home" / "schedules" / "job.json"
+    deadline = time.monotonic() + 60  # the second run submits the third as it ends
+    while json.loads(entry.read_text())["job_id"] == second["slurm_job_id"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    pending = json.loads(entry.read_text())["job_id"]
+    assert scontrol_state(pending) == "PENDING"
+    run_cli("schedule", "--remove", "job", env=env, check=True)
+    assert "no schedules" in run_cli("schedule", "--list", env=env, check=True).stdout
+    assert scontrol_state(pending) == "CANCELLED"
+    assert read_sorted(tmp_path / "out").num_rows == 60
