@@ -6,15 +6,18 @@ STAMP := $(VENV)/.installed-stamp
 # CPU torch for machines without a GPU; a GPU site installs its own torch and `pip install -e .`
 CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: install test lint format bench clean
+.PHONY: install demo test lint format bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,reference]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,reference,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## set up .venv/ with FastServe and its test extras
+
+demo: install  ## the main job on this machine: train, bulk inference, a report (./fastserve-demo)
+	$(PY) -m jobs demo --dir fastserve-demo
 
 lint: install
 	$(PY) -m ruff check .
@@ -32,4 +35,4 @@ format: install
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache fastserve-demo fastserve-report

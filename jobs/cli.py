@@ -30,13 +30,15 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import infer, schedule, status, submit, train
+    from . import demo, infer, report, schedule, status, submit, train
 
     cli.add_command(infer.infer)
     cli.add_command(status.status)
     cli.add_command(train.train)
     cli.add_command(submit.submit)
     cli.add_command(schedule.schedule)
+    cli.add_command(report.report)
+    cli.add_command(demo.demo)
 
 
 _register()

@@ -104,8 +104,9 @@ def train(config_file, data, output, steps, dry_run) -> None:
     if code == 0:
         out = trainer.export(Path(job.output.path) / "export")
         if out is not None:
+            task = "sentiment" if job.model.arch == "classifier" else "generate"
             click.echo(
-                f"exported {out} (serve it: fastserve infer --task generate --model {out} ...)",
+                f"exported {out} (serve it: fastserve infer --task {task} --model {out} ...)",
                 err=True,
             )
     shutdown(env)
