@@ -32,6 +32,7 @@ def _overrides(**flags) -> dict:
         "dtype": ("model", "dtype"),
         "task": ("task", "name"),
         "batch_size": ("task", "batch_size"),
+        "max_tokens": ("task", "max_tokens"),
         "max_length": ("task", "max_length"),
         "on_long": ("task", "on_long"),
         "output": ("output", "path"),
@@ -73,7 +74,12 @@ def _overrides(**flags) -> dict:
 @click.option(
     "--shard-rows", type=int, help="Rows per shard (the unit of work and memory) [100000]."
 )
-@click.option("--batch-size", type=int, help="Rows per model call [32].")
+@click.option(
+    "--batch-size", type=int, help="Most rows per model call; generate: decode slots [32]."
+)
+@click.option(
+    "--max-tokens", type=int, help="sentiment, embed: most padded tokens per model call [8192]."
+)
 @click.option("--max-length", type=int, help="Longest input in tokens [the model's limit].")
 @click.option(
     "--on-long",

@@ -63,7 +63,11 @@ class TaskConfig:
     name: str = "sentiment"
     """What to run: sentiment, translate, generate or embed."""
     batch_size: int = 32
-    """Rows per model call (rows are sorted by length first, so batches pad little)."""
+    """Most rows per model call (rows are sorted by length first, so batches pad little); for
+    generate, the rows decoding together (continuous batching: a finished row's slot is refilled)."""
+    max_tokens: int = 8192
+    """sentiment, embed: most padded tokens per model call (rows x the batch's longest row), so
+    short rows go in big batches and long ones in small. 0: rows alone (batch_size) decide."""
     max_length: int | None = None
     """Longest input in tokens. Unset: the model's own limit."""
     on_long: str = "truncate"
@@ -272,6 +276,7 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     )
     need(cfg.input.shard_rows > 0, f"input.shard_rows must be > 0, got {cfg.input.shard_rows}")
     need(cfg.task.batch_size > 0, f"task.batch_size must be > 0, got {cfg.task.batch_size}")
+    need(cfg.task.max_tokens >= 0, f"task.max_tokens must be >= 0, got {cfg.task.max_tokens}")
     need(
         cfg.task.max_length is None or cfg.task.max_length > 0,
         f"task.max_length must be > 0, got {cfg.task.max_length}",

@@ -36,6 +36,7 @@ def fingerprint(job: JobConfig) -> dict:
         f"task.{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(job.task).items()
     }
     task.pop("task.batch_size")  # how rows are grouped, not what they become
+    task.pop("task.max_tokens")
     fields = {
         "task": task.pop("task.name"),
         **task,

@@ -42,3 +42,16 @@ def test_training_benchmark_runs_at_smoke_size():
     )
     assert proc.returncode == 0, proc.stderr
     assert "PP2 m=8" in proc.stdout and "DP2" in proc.stdout
+
+
+def test_throughput_benchmark_runs_at_smoke_size():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.throughput", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for row in ("| encoder ", "| Dask overhead", "| generate GPT-2-small", "continuous batching"):
+        assert row in proc.stdout

@@ -31,14 +31,14 @@ def test_labels_and_scores_equal_the_pipeline(classifier):
     assert not any(out.columns["truncated"])
 
 
-@pytest.mark.parametrize("batch_size", [1, 5, 64])
-def test_results_do_not_depend_on_batch_size(classifier, batch_size):
+@pytest.mark.parametrize("batch_size,max_tokens", [(1, 0), (5, 0), (64, 0), (512, 40), (512, 300)])
+def test_results_do_not_depend_on_batch_size_or_token_budget(classifier, batch_size, max_tokens):
     texts = sample_texts(40, seed=3)
-    base = SentimentTask(ModelConfig(path=str(classifier)), TaskConfig(batch_size=40)).process(
-        texts
-    )
+    base = SentimentTask(
+        ModelConfig(path=str(classifier)), TaskConfig(batch_size=40, max_tokens=0)
+    ).process(texts)
     out = SentimentTask(
-        ModelConfig(path=str(classifier)), TaskConfig(batch_size=batch_size)
+        ModelConfig(path=str(classifier)), TaskConfig(batch_size=batch_size, max_tokens=max_tokens)
     ).process(texts)
     assert out.columns["label"] == base.columns["label"]
     assert out.columns["score"] == pytest.approx(base.columns["score"], abs=1e-6)
@@ -63,4 +63,30 @@ def test_over_long_rows_rejected_on_request(classifier):
         (0, "too_long"),
         (1, "too_long"),
         (2, "too_long"),
+    ]
+
+
+def test_out_of_memory_halves_the_batch_and_a_row_that_never_fits_is_rejected(classifier):
+    """The GPU's out-of-memory error, raised at the model call (the seam) by batch size: a batch
+    over 4 rows, or any batch holding the longest row, does not fit."""
+    import torch
+
+    from pipeline.tasks.encoding import EncoderRows
+
+    task = SentimentTask(ModelConfig(path=str(classifier)), TaskConfig(batch_size=16))
+    texts = sample_texts(20, seed=5)
+    rows = EncoderRows(task.loaded.tokenizer, texts, task.max_length, "truncate")
+    longest = max(range(20), key=lambda i: rows.enc.lengths[i])
+    width = rows.enc.lengths[longest]
+
+    def model(inputs):
+        n, t = inputs["input_ids"].shape
+        if n > 4 or t == width:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inputs["input_ids"][:, 0]
+
+    done = [i for batch, _ in rows.run(model, 16, 0, "cpu") for i in batch]
+    assert sorted(done + [r[0] for r in rows.rejected]) == list(range(20))  # nothing lost
+    assert [r[:2] for r in rows.rejected] == [
+        (i, "oom") for i in range(20) if rows.enc.lengths[i] == width
     ]

@@ -63,11 +63,50 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def join_kv(
+    a: list, a_mask: torch.Tensor, b: list, b_mask: torch.Tensor
+) -> tuple[list, torch.Tensor]:
+    """Two batches' per-layer (keys, values) of shape (B, H, S, D), and their (B, S) masks, as one
+    batch: the shorter side is left-padded with masked positions."""
+    s = max(a_mask.shape[1], b_mask.shape[1])
+    da, db = s - a_mask.shape[1], s - b_mask.shape[1]
+    layers = [
+        (
+            torch.cat([_pad_left(ka, da, 2), _pad_left(kb, db, 2)]),
+            torch.cat([_pad_left(va, da, 2), _pad_left(vb, db, 2)]),
+        )
+        for (ka, va), (kb, vb) in zip(a, b, strict=True)
+    ]
+    return layers, torch.cat([_pad_left(a_mask, da, 1), _pad_left(b_mask, db, 1)])
+
+
+def trim_kv(layers: list, mask: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """Drop the leading positions no row attends to (left padding of rows that have left)."""
+    used = mask.any(dim=0).nonzero()
+    first = int(used[0]) if len(used) else 0
+    if first == 0:
+        return layers, mask
+    return [(k[:, :, first:], v[:, :, first:]) for k, v in layers], mask[:, first:]
+
+
 class HFCausalLM:
     """A transformers causal LM behind the decoding interface (DynamicCache, left padding)."""
 
     def __init__(self, model, device):
+        import inspect
+
         self.model, self.device = model, device
+        # transformers renamed `past_key_values` to `cache` (5.2x); the cache is updated in place
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def prefill(self, rows: list[list[int]], pad_id: int):
         from transformers import DynamicCache
@@ -79,11 +118,11 @@ class HFCausalLM:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_kw: cache},
         )
         return out.logits[:, -1], {
-            "cache": out.past_key_values,
+            "cache": cache,
             "mask": mask,
             "pos": positions[:, -1],
         }
@@ -95,16 +134,25 @@ class HFCausalLM:
             input_ids=tokens[:, None],
             attention_mask=st["mask"],
             position_ids=st["pos"][:, None],
-            past_key_values=st["cache"],
             use_cache=True,
+            **{self.cache_kw: st["cache"]},
         )
-        st["cache"] = out.past_key_values
         return out.logits[:, -1], st
 
     def keep(self, st: dict, rows: torch.Tensor) -> dict:
         st["cache"].batch_select_indices(rows)
         st["mask"], st["pos"] = st["mask"][rows], st["pos"][rows]
         return st
+
+    def join(self, st: dict, new: dict) -> dict:
+        """Rows prefilled since (`new`) join the running batch (`st`), after it."""
+        cache = st["cache"]
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        kv_new = [(layer.keys, layer.values) for layer in new["cache"].layers]
+        kv, mask = trim_kv(*join_kv(kv, st["mask"], kv_new, new["mask"]))
+        for layer, (k, v) in zip(cache.layers, kv, strict=True):
+            layer.keys, layer.values = k, v
+        return {"cache": cache, "mask": mask, "pos": torch.cat([st["pos"], new["pos"]])}
 
 
 class GPTCausalLM:
@@ -140,6 +188,10 @@ class GPTCausalLM:
         st["cache"] = [(k[rows], v[rows]) for k, v in st["cache"]]
         st["mask"], st["pos"] = st["mask"][rows], st["pos"][rows]
         return st
+
+    def join(self, st: dict, new: dict) -> dict:
+        cache, mask = trim_kv(*join_kv(st["cache"], st["mask"], new["cache"], new["mask"]))
+        return {"cache": cache, "mask": mask, "pos": torch.cat([st["pos"], new["pos"]])}
 
 
 class LSTMCausalLM:
@@ -178,6 +230,13 @@ class LSTMCausalLM:
         st["states"] = [(h[:, rows], c[:, rows]) for h, c in st["states"]]
         return st
 
+    def join(self, st: dict, new: dict) -> dict:
+        states = [
+            (torch.cat([h, h2], dim=1), torch.cat([c, c2], dim=1))
+            for (h, c), (h2, c2) in zip(st["states"], new["states"], strict=True)
+        ]
+        return {"states": states}
+
 
 @dataclass
 class Generated:
@@ -196,49 +255,69 @@ def generate(
     sampling: Sampling,
     eos_ids: set[int],
     stop: tuple[str, ...] = (),
+    slots: int | None = None,
 ) -> list[Generated]:
-    """Decode every prompt (token ids) to completion, in one batch; results in input order."""
+    """Decode every prompt (token ids) to completion; results in input order.
+
+    Continuous batching: at most `slots` rows decode together (all of them when None). A row
+    that finishes (eos, a stop string, its token limit) leaves at once and its slot is refilled
+    from the queue: the newcomers are prefilled and join the running batch, left-padded to its
+    cache length. Admission is longest-first (most new tokens allowed, then longest prompt), so
+    the rows that take longest start first and no straggler runs alone at the end.
+    """
     n = len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
     gens = [row_generator(sampling.seed, i) for i in ids] if sampling.do_sample else None
     out: list[list[int]] = [[] for _ in range(n)]
     result: list[Generated | None] = [None] * n
-    live = [i for i in range(n) if max_new_tokens[i] > 0]
     for i in range(n):
         if max_new_tokens[i] <= 0:
             result[i] = Generated([], "", "length")
-    if not live:
-        return result  # type: ignore[return-value]
-    logits, st = lm.prefill([prompts[i] for i in live], pad)
-    while live:
+    queue = sorted(
+        (i for i in range(n) if max_new_tokens[i] > 0),
+        key=lambda i: (-max_new_tokens[i], -len(prompts[i]), i),
+    )
+    slots = slots or max(1, len(queue))
+    live: list[int] = []
+    logits, st = None, None
+
+    def finished(i: int, t: int) -> bool:
+        if t in eos_ids:
+            result[i] = Generated(out[i], tokenizer.decode(out[i], skip_special_tokens=True), "eos")
+            return True
+        out[i].append(t)
+        if stop:
+            text = tokenizer.decode(out[i], skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                result[i] = Generated(out[i], text[:cut], "stop")
+                return True
+        if len(out[i]) >= max_new_tokens[i]:
+            result[i] = Generated(
+                out[i], tokenizer.decode(out[i], skip_special_tokens=True), "length"
+            )
+            return True
+        return False
+
+    # Refill once a few slots are free, not at every finished row: each admission costs a
+    # prefill and a copy of the running batch's cache.
+    refill_at = max(1, slots // 8)
+    while queue or live:
+        if queue and (slots - len(live) >= min(refill_at, len(queue)) or not live):
+            admit, queue = queue[: slots - len(live)], queue[slots - len(live) :]
+            new_logits, new_st = lm.prefill([prompts[i] for i in admit], pad)
+            if live:
+                logits, st = torch.cat([logits, new_logits]), lm.join(st, new_st)
+            else:
+                logits, st = new_logits, new_st
+            live += admit
         toks = next_tokens(logits, sampling, [gens[i] for i in live] if gens else None).tolist()
-        still = []
-        for j, (i, t) in enumerate(zip(live, toks, strict=True)):
-            reason = None
-            if t in eos_ids:
-                reason = "eos"
-            else:
-                out[i].append(t)
-                if stop:
-                    text = tokenizer.decode(out[i], skip_special_tokens=True)
-                    cut = min((text.find(s) for s in stop if s in text), default=-1)
-                    if cut >= 0:
-                        result[i] = Generated(out[i], text[:cut], "stop")
-                        continue
-                if len(out[i]) >= max_new_tokens[i]:
-                    reason = "length"
-            if reason:
-                result[i] = Generated(
-                    out[i], tokenizer.decode(out[i], skip_special_tokens=True), reason
-                )
-            else:
-                still.append(j)
-        if not still:
-            break
+        still = [j for j, (i, t) in enumerate(zip(live, toks, strict=True)) if not finished(i, t)]
         if len(still) < len(live):
-            keep = torch.tensor(still, device=logits.device)
-            st = lm.keep(st, keep)
-            live = [live[j] for j in still]
-            toks = [toks[j] for j in still]
+            live, toks = [live[j] for j in still], [toks[j] for j in still]
+            if not live:
+                logits, st = None, None
+                continue
+            st = lm.keep(st, torch.tensor(still, device=logits.device))
         logits, st = lm.step(torch.tensor(toks, device=logits.device), st)
     return result  # type: ignore[return-value]

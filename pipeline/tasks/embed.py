@@ -76,17 +76,25 @@ class EmbedTask:
 
     def process(self, texts: list[str], ids=None, extra=None) -> TaskOutput:
         rows_in = EncoderRows(self.loaded.tokenizer, texts, self.max_length, self.cfg.on_long)
-        enc, rejected, todo = rows_in.enc, rows_in.rejected, rows_in.todo
+        enc, rejected = rows_in.enc, rows_in.rejected
         dim = self.loaded.model.config.hidden_size
         vectors = np.zeros((len(texts), dim), dtype=np.float32)
+
+        def embed(inputs):
+            hidden = self.loaded.model(**inputs).last_hidden_state
+            v = pool(hidden.float(), inputs["attention_mask"], self.pooling)
+            if self.normalize:
+                v = torch.nn.functional.normalize(v, p=2, dim=1)
+            return v.cpu().numpy()
+
+        done: list[int] = []
         with torch.inference_mode():
-            for rows, inputs in rows_in.batches(self.cfg.batch_size, self.loaded.device):
-                hidden = self.loaded.model(**inputs).last_hidden_state
-                v = pool(hidden.float(), inputs["attention_mask"], self.pooling)
-                if self.normalize:
-                    v = torch.nn.functional.normalize(v, p=2, dim=1)
-                vectors[rows] = v.cpu().numpy()
-        kept = sorted(todo)
+            for rows, v in rows_in.run(
+                embed, self.cfg.batch_size, self.cfg.max_tokens, self.loaded.device
+            ):
+                vectors[rows] = v
+                done += rows
+        kept = sorted(done)
         flat = pa.array(vectors[kept].reshape(-1), type=pa.float32())
         column = pa.FixedSizeListArray.from_arrays(flat, dim).cast(pa.list_(pa.float32()))
         return TaskOutput(

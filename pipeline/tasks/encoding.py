@@ -51,7 +51,8 @@ def encode(tokenizer, texts: list[str], max_length: int) -> Encoded:
 
 
 def pad_batch(features: list[dict[str, list[int]]], pad_id: int, side: str, device) -> dict:
-    """Stack rows into tensors padded to the batch's longest row."""
+    """Stack rows into tensors padded to the batch's longest row (through pinned host memory
+    to a GPU, so the copy does not stall)."""
     longest = max(len(f["input_ids"]) for f in features)
     out = {}
     for key in features[0]:
@@ -60,7 +61,10 @@ def pad_batch(features: list[dict[str, list[int]]], pad_id: int, side: str, devi
         for f in features:
             gap = [fill] * (longest - len(f[key]))
             rows.append(gap + f[key] if side == "left" else f[key] + gap)
-        out[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        t = torch.tensor(rows, dtype=torch.long)
+        if torch.device(device).type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        out[key] = t
     return out
 
 
@@ -78,14 +82,30 @@ class EncoderRows:
             self.rejected = [(i, "too_long", detail) for i in self.todo if self.enc.truncated[i]]
             self.todo = [i for i in self.todo if not self.enc.truncated[i]]
 
-    def batches(self, batch_size: int, device, padding_side: str | None = None):
-        """Yield (row indices, padded input tensors) per batch, longest rows first."""
-        tok = self.tokenizer
+    def run(self, fn, batch_size: int, max_tokens: int, device, padding_side: str | None = None):
+        """Yield (row indices, fn(padded input tensors)) per batch, longest rows first; batches
+        hold at most batch_size rows and max_tokens padded tokens (0: no budget). On GPU
+        out-of-memory a batch is halved and retried; a row that does not fit alone is rejected
+        (reason oom), so a shard is never lost to one long row."""
         lengths = [self.enc.lengths[i] for i in self.todo]
-        for batch in length_sorted_batches(lengths, batch_size):
-            rows = [self.todo[b] for b in batch]
-            feats = [self.enc.features[i] for i in rows]
-            yield (
-                rows,
-                pad_batch(feats, tok.pad_token_id or 0, padding_side or tok.padding_side, device),
-            )
+        for batch in length_sorted_batches(lengths, batch_size, max_tokens or None):
+            yield from self._run([self.todo[b] for b in batch], fn, device, padding_side)
+
+    def _run(self, rows: list[int], fn, device, padding_side: str | None):
+        tok = self.tokenizer
+        feats = [self.enc.features[i] for i in rows]
+        inputs = pad_batch(feats, tok.pad_token_id or 0, padding_side or tok.padding_side, device)
+        try:
+            out = fn(inputs)
+        except torch.OutOfMemoryError:
+            del inputs
+            torch.cuda.empty_cache()
+            if len(rows) == 1:
+                n = self.enc.lengths[rows[0]]
+                self.rejected.append((rows[0], "oom", f"{n} tokens do not fit in GPU memory"))
+                return
+            half = len(rows) // 2
+            yield from self._run(rows[:half], fn, device, padding_side)
+            yield from self._run(rows[half:], fn, device, padding_side)
+            return
+        yield rows, out

@@ -8,7 +8,6 @@ tokenized as `tokenizer(prompt)` does (special tokens included), so greedy outpu
 from __future__ import annotations
 
 from .. import schemas
-from ..batching import length_sorted_batches
 from ..config import ModelConfig, TaskConfig
 from ..models import load_model
 from ..models.decoding import GPTCausalLM, HFCausalLM, LSTMCausalLM, Sampling, generate
@@ -91,20 +90,19 @@ class GenerateTask:
                     prompts[i], truncated[i] = p[len(p) - room :], True
         todo = [i for i in range(len(texts)) if i not in bad]
         results = {}
-        with torch.inference_mode():
-            for batch in length_sorted_batches([len(prompts[i]) for i in todo], cfg.batch_size):
-                rows = [todo[b] for b in batch]
-                outs = generate(
-                    self.lm,
-                    tok,
-                    [prompts[i] for i in rows],
-                    [ids[i] for i in rows],
-                    [limits[i] for i in rows],
-                    self.sampling,
-                    self.eos,
-                    cfg.stop,
-                )
-                results.update(zip(rows, outs, strict=True))
+        with torch.inference_mode():  # the whole shard through one continuously batched loop
+            outs = generate(
+                self.lm,
+                tok,
+                [prompts[i] for i in todo],
+                [ids[i] for i in todo],
+                [limits[i] for i in todo],
+                self.sampling,
+                self.eos,
+                cfg.stop,
+                slots=cfg.batch_size,
+            )
+            results.update(zip(todo, outs, strict=True))
         kept = sorted(results)
         return TaskOutput(
             kept=kept,

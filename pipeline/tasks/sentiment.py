@@ -47,9 +47,14 @@ class SentimentTask:
         rows_in = EncoderRows(self.loaded.tokenizer, texts, self.max_length, self.cfg.on_long)
         enc, rejected = rows_in.enc, rows_in.rejected
         probs: dict[int, list[float]] = {}
+
+        def classify(inputs):
+            return self._scores(self.loaded.model(**inputs).logits).cpu()
+
         with torch.inference_mode():
-            for rows, inputs in rows_in.batches(self.cfg.batch_size, self.loaded.device):
-                scores = self._scores(self.loaded.model(**inputs).logits).cpu()
+            for rows, scores in rows_in.run(
+                classify, self.cfg.batch_size, self.cfg.max_tokens, self.loaded.device
+            ):
                 for i, s in zip(rows, scores.tolist(), strict=True):
                     probs[i] = s
         kept = sorted(probs)

