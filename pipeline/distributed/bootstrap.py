@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,6 +43,7 @@ def _abort_hook(comm):
         sys.stderr.write(f"[rank {comm.Get_rank()}] uncaught {kind.__name__}; aborting the job\n")
         traceback.print_exception(kind, value, tb)
         sys.stderr.flush()
+        time.sleep(1)  # let the launcher forward the traceback before Abort tears the job down
         comm.Abort(1)
 
     return hook
