@@ -107,19 +107,22 @@ class HFCausalLM:
         # transformers renamed `past_key_values` to `cache` (5.2x); the cache is updated in place
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        # the prompt's logits are not needed, only the last position's (a third of GPT-2's compute)
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def prefill(self, rows: list[list[int]], pad_id: int):
-        from transformers import DynamicCache
+        from .kv_cache import growing_cache
 
         ids, mask = left_pad(rows, pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = growing_cache(self.model.config)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             **{self.cache_kw: cache},
+            **self.last_only,
         )
         return out.logits[:, -1], {
             "cache": cache,
@@ -151,7 +154,10 @@ class HFCausalLM:
         kv_new = [(layer.keys, layer.values) for layer in new["cache"].layers]
         kv, mask = trim_kv(*join_kv(kv, st["mask"], kv_new, new["mask"]))
         for layer, (k, v) in zip(cache.layers, kv, strict=True):
-            layer.keys, layer.values = k, v
+            if hasattr(layer, "set"):
+                layer.set(k, v)
+            else:
+                layer.keys, layer.values = k, v
         return {"cache": cache, "mask": mask, "pos": torch.cat([st["pos"], new["pos"]])}
 
 
@@ -260,9 +266,9 @@ def generate(
     """Decode every prompt (token ids) to completion; results in input order.
 
     Continuous batching: at most `slots` rows decode together (all of them when None). A row
-    that finishes (eos, a stop string, its token limit) leaves at once and its slot is refilled
-    from the queue: the newcomers are prefilled and join the running batch, left-padded to its
-    cache length. Admission is longest-first (most new tokens allowed, then longest prompt), so
+    that finishes (eos, a stop string, its token limit) is done at once; its slot is refilled
+    from the queue as soon as a few slots are free: the newcomers are prefilled and join the
+    running batch, left-padded to its cache length. Admission is longest-first (most new tokens allowed, then longest prompt), so
     the rows that take longest start first and no straggler runs alone at the end.
     """
     n = len(prompts)
@@ -278,8 +284,13 @@ def generate(
         key=lambda i: (-max_new_tokens[i], -len(prompts[i]), i),
     )
     slots = slots or max(1, len(queue))
-    live: list[int] = []
+    # The batch's rows; a finished row becomes None (a dead slot, still computed, its output
+    # ignored) until the batch is compacted: compacting copies the whole cache, so it is done
+    # once a few slots are dead (refill_at), together with the refill that fills them again.
+    live: list[int | None] = []
     logits, st = None, None
+    refill_at = max(1, slots // 8)
+    idle = torch.Generator().manual_seed(0)  # what dead slots draw from, when sampling
 
     def finished(i: int, t: int) -> bool:
         if t in eos_ids:
@@ -299,25 +310,31 @@ def generate(
             return True
         return False
 
-    # Refill once a few slots are free, not at every finished row: each admission costs a
-    # prefill and a copy of the running batch's cache.
-    refill_at = max(1, slots // 8)
-    while queue or live:
-        if queue and (slots - len(live) >= min(refill_at, len(queue)) or not live):
-            admit, queue = queue[: slots - len(live)], queue[slots - len(live) :]
-            new_logits, new_st = lm.prefill([prompts[i] for i in admit], pad)
-            if live:
-                logits, st = torch.cat([logits, new_logits]), lm.join(st, new_st)
-            else:
-                logits, st = new_logits, new_st
-            live += admit
-        toks = next_tokens(logits, sampling, [gens[i] for i in live] if gens else None).tolist()
-        still = [j for j, (i, t) in enumerate(zip(live, toks, strict=True)) if not finished(i, t)]
-        if len(still) < len(live):
-            live, toks = [live[j] for j in still], [toks[j] for j in still]
-            if not live:
-                logits, st = None, None
-                continue
-            st = lm.keep(st, torch.tensor(still, device=logits.device))
+    while queue or any(i is not None for i in live):
+        alive = [j for j, i in enumerate(live) if i is not None]
+        free = slots - len(alive)
+        dead = len(live) - len(alive)
+        if (queue and free >= min(refill_at, len(queue))) or dead >= refill_at or not alive:
+            if dead:  # compact
+                if alive:
+                    st = lm.keep(st, torch.tensor(alive, device=logits.device))
+                    logits, live = logits[alive], [live[j] for j in alive]
+                else:
+                    logits, st, live = None, None, []
+            if queue and free:  # refill the free slots
+                admit, queue = queue[:free], queue[free:]
+                new_logits, new_st = lm.prefill([prompts[i] for i in admit], pad)
+                if live:
+                    logits, st = torch.cat([logits, new_logits]), lm.join(st, new_st)
+                else:
+                    logits, st = new_logits, new_st
+                live += admit
+        rows_gens = [gens[i] if i is not None else idle for i in live] if gens else None
+        toks = next_tokens(logits, sampling, rows_gens).tolist()
+        for j, (i, t) in enumerate(zip(live, toks, strict=True)):
+            if i is not None and finished(i, t):
+                live[j] = None
+        if not queue and all(i is None for i in live):
+            break
         logits, st = lm.step(torch.tensor(toks, device=logits.device), st)
     return result  # type: ignore[return-value]
