@@ -29,6 +29,7 @@ test: lint  ## lint, then the whole test suite
 bench: install  ## benchmarks; figures go to bench/RESULTS.md
 	$(PY) -m bench.memory
 	$(PY) -m bench.train_pipeline
+	$(PY) -m bench.throughput --rows 1000 --shards 100 --prompts 192 --rounds 2 --slots 64
 
 format: install
 	$(PY) -m ruff check --fix .
