@@ -200,7 +200,6 @@ def demo(folder: str, size: str, workers: int) -> None:
 
 def summarize(root: Path, tasks: list[str]) -> str:
     """The demo's summary, as Markdown that also reads well in a terminal."""
-    from pipeline.manifest import RunDir
 
     lines = [
         "| task | rows in | out | rejected | rows/s | tokens/s |",
@@ -211,7 +210,7 @@ def summarize(root: Path, tasks: list[str]) -> str:
         rate = run.rows_in / run.model_seconds if run.model_seconds else 0
         tokens = run.tokens
         if task == "generate":  # new tokens, the ones generation pays for
-            tokens = pc.sum(_table(RunDir.at(run.path)).column("generated_tokens")).as_py() or 0
+            tokens = pc.sum(_table(run.path).column("generated_tokens")).as_py() or 0
         trate = tokens / run.model_seconds if run.model_seconds else 0
         rej = ", ".join(f"{k} {v}" for k, v in run.rejected.items()) or "0"
         lines.append(
@@ -224,7 +223,7 @@ def summarize(root: Path, tasks: list[str]) -> str:
         "",
     ]
     # sentiment accuracy against the corpus's known labels (kept through keep_columns)
-    sent = _table(RunDir.at(root / "runs" / "sentiment"))
+    sent = _table(root / "runs" / "sentiment")
     hits = pc.sum(pc.equal(sent.column("label"), sent.column("true_label"))).as_py() or 0
     lines.append(f"- sentiment accuracy against the corpus labels: {hits / sent.num_rows:.1%}")
     for kind in ("classifier", "generator"):
@@ -233,7 +232,7 @@ def summarize(root: Path, tasks: list[str]) -> str:
             lines.append(f"- {kind}: validation accuracy {v['val_accuracy']:.1%}")
         elif "val_perplexity" in v:
             lines.append(f"- {kind}: validation perplexity {v['val_perplexity']:.2f}")
-    gen = _table(RunDir.at(root / "runs" / "generate"))
+    gen = _table(root / "runs" / "generate", columns=["id", "prompt", "generated"])
     lines += ["", "Sample generations (prompt → continuation):", ""]
     shown: set[str] = set()
     for row in gen.select(["prompt", "generated"]).to_pylist():
@@ -243,10 +242,9 @@ def summarize(root: Path, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _table(run):
-    """A run folder's rows, sorted by id."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _table(folder: Path, columns: list[str] | None = None):
+    """A run folder's output rows, sorted by id."""
+    import pyarrow.dataset as ds
 
-    files = sorted(run.root.glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id")
+    table = ds.dataset(sorted(folder.glob("part-*.parquet")), format="parquet").to_table(columns)
+    return table.sort_by("id")

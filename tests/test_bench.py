@@ -7,51 +7,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_memory_benchmark_runs_and_reports_the_ratio():
+def bench(module: str, *args: str, timeout: float = 900) -> str:
+    """Run `python -m bench.<module> args...`; return its stdout (a failure shows its stderr)."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.memory",
-            "--rows",
-            "400",
-            "--factor",
-            "2",
-            "--shard-rows",
-            "200",
-            "--file-rows",
-            "200",
-            "--check",
-        ],
+        [sys.executable, "-m", f"bench.{module}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "worker peak ratio 2xN / N" in proc.stdout
+    return proc.stdout
+
+
+def test_memory_benchmark_runs_and_reports_the_ratio():
+    args = ["--rows", "400", "--factor", "2", "--shard-rows", "200", "--file-rows", "200"]
+    out = bench("memory", *args, "--check", timeout=600)
+    assert "worker peak ratio 2xN / N" in out
 
 
 def test_training_benchmark_runs_at_smoke_size():
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.train_pipeline", "--smoke"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "PP2 m=8" in proc.stdout and "DP2" in proc.stdout
+    out = bench("train_pipeline", "--smoke")
+    assert "PP2 m=8" in out and "DP2" in out
 
 
 def test_throughput_benchmark_runs_at_smoke_size():
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--smoke"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr
+    out = bench("throughput", "--smoke")
     for row in ("| encoder ", "| Dask overhead", "| generate GPT-2-small", "continuous batching"):
-        assert row in proc.stdout
+        assert row in out
