@@ -23,6 +23,9 @@ from .errors import ConfigError
 # A worker whose scheduler is gone (its client killed) exits after this many seconds, so a killed
 # run leaves no workers behind for long.
 DEATH_TIMEOUT_S = 10
+# Task threads per worker: a shard in the model and the next one reading (or the last one
+# writing) beside it. The model itself runs one shard at a time per worker (pipeline/runner.py).
+TASK_SLOTS = 2
 
 
 def worker_threads(requested: int, workers: int) -> int:
@@ -104,6 +107,18 @@ class DaskExecutor:
                 finally:
                     fut.release()
 
+    def on_each_worker(self, fn: Callable, key: str, **kwargs: Any) -> list:
+        """Start fn(**kwargs) once on every worker connected now, without waiting (e.g. loading
+        the model while the client plans); keep what this returns until the run ends. Workers
+        that join later simply do the same work on their first shard."""
+        workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        return [
+            self.client.submit(
+                fn, key=f"{key}-{i}", workers=[w], allow_other_workers=False, pure=False, **kwargs
+            )
+            for i, w in enumerate(workers)
+        ]
+
     @staticmethod
     def _wait(ac, timeout: float = 0.2) -> list:
         """Block briefly for the next completion, so stop requests are seen within `timeout`."""
@@ -147,7 +162,9 @@ def dask_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
     threads = worker_threads(cfg.threads_per_worker, cfg.workers)
     cluster = LocalCluster(
         n_workers=cfg.workers,
-        threads_per_worker=1,  # one shard at a time per worker; torch uses `threads` inside it
+        # Two task threads: one shard in the model (torch uses `threads` inside it), the next
+        # one reading meanwhile (pipeline/runner.py holds the model to one shard at a time).
+        threads_per_worker=TASK_SLOTS,
         processes=True,
         host=cfg.host,
         dashboard_address=f"{cfg.host}:0",
@@ -190,7 +207,7 @@ def start_mpi_roles(cfg: ClusterConfig) -> None:
     single = os.environ.get("SLURM_NNODES", "1") == "1" and cfg.host.startswith("127.")
     initialize(
         interface="lo" if single else None,
-        nthreads=1,
+        nthreads=TASK_SLOTS,
         nanny=False,
         dashboard_address=":0",
         memory_limit=0,
@@ -286,7 +303,7 @@ def start_slurm_roles(cfg: ClusterConfig) -> None:
             scheduler_options={**where, "dashboard_address": ":0"},
             worker_options={
                 **where,
-                "nthreads": 1,
+                "nthreads": TASK_SLOTS,
                 "memory_limit": 0,
                 "death_timeout": DEATH_TIMEOUT_S,  # the scheduler gone: exit
             },

@@ -20,7 +20,7 @@ from .dedupe import find_duplicates, pending_hashes, written_hashes
 from .fingerprint import fingerprint
 from .manifest import RunDir, atomic_write_bytes, atomic_write_json
 from .plan import plan_run, resolve_inputs
-from .runner import ShardResult, run_shard
+from .runner import ShardResult, run_shard, warm
 from .tasks import check_model
 
 
@@ -103,6 +103,9 @@ def run_infer(
     token = uuid.uuid4().hex[:8]  # task keys unique to this run, even on a shared scheduler
     with executor_factory(job.cluster) as ex:
         summary.dashboard = getattr(ex, "dashboard_link", None)
+        warming = (
+            ex.on_each_worker(warm, f"warm-{token}", job=job, threads=ex.threads) if pending else []
+        )
         duplicates = _duplicates(ex, run, done, pending, job, stop, token) if pending else {}
         if on_start:
             on_start(summary, len(pending))
@@ -128,6 +131,7 @@ def run_infer(
                     this_run[k] += getattr(res, k)
             if on_shard:
                 on_shard(res, summary)
+        del warming  # loaded or not, the shards are done with
     summary.interrupted = stop.level > 0
 
     _totals(summary, run, shards, fp["sha"])

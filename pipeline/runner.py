@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -40,16 +41,33 @@ class ShardResult:
     """True when the shard was already complete and nothing was done."""
 
 
-_threads_set = False
+# One shard in the model at a time per process. A worker may run two shards at once (executors
+# start workers with two task threads): the other one reads its Parquet or writes its output
+# meanwhile, so I/O overlaps the model instead of stalling it. Loading the model happens under the
+# lock too, so two threads never load it twice.
+_model_lock = threading.Lock()
 
 
 def _set_threads(threads: int) -> None:
-    global _threads_set
-    if threads > 0 and not _threads_set:
+    """Torch's intra-op threads for the calling thread (OpenMP's setting is per thread)."""
+    if threads > 0:
         import torch
 
-        torch.set_num_threads(threads)
-        _threads_set = True
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def warm(job: JobConfig, threads: int = 0) -> float:
+    """Load the job's model in this process ahead of its first shard (the executor runs this on
+    each worker while the client plans); returns the seconds it took."""
+    t0 = time.perf_counter()
+    with _model_lock:
+        _set_threads(threads)
+        try:
+            get_task(job.model, job.task)
+        except Exception:  # the first shard meets the same error and reports it
+            return -1.0
+    return time.perf_counter() - t0
 
 
 def _validate_rows(
@@ -112,32 +130,39 @@ def run_shard(
     done = run.read_record(shard.id)
     if done is not None and done.get("fingerprint") == fingerprint_sha:
         return ShardResult(shard=shard.id, source=shard.sources, skipped=True, **_counts(done))
-    _set_threads(threads)
     result = ShardResult(shard=shard.id, source=shard.sources)
     started = time.time()
     t0 = time.perf_counter()
     try:
         data = read_shard(shard, job.input, job.task.input_columns())
-        task = get_task(job.model, job.task)
     except UserError as e:
         result.error = str(e)
         return result
+    good, bad = _validate_rows(data.ids, data.texts, duplicates or {})
     t1 = time.perf_counter()
 
-    good, bad = _validate_rows(data.ids, data.texts, duplicates or {})
-    if good:
-        out = task.process(
-            [data.texts[i] for i in good],
-            [data.ids[i] for i in good],
-            {c: [v[i] for i in good] for c, v in data.extra.items()},
-        )
-    else:  # every row rejected already: nothing for the model
-        out = TaskOutput(
-            kept=[], columns={f.name: [] for f in task.schema.fields if f.name != "id"}
-        )
+    with _model_lock:
+        t_lock = time.perf_counter()
+        _set_threads(threads)
+        try:
+            task = get_task(job.model, job.task)
+        except UserError as e:
+            result.error = str(e)
+            return result
+        t_loaded = time.perf_counter()
+        if good:
+            out = task.process(
+                [data.texts[i] for i in good],
+                [data.ids[i] for i in good],
+                {c: [v[i] for i in good] for c, v in data.extra.items()},
+            )
+        else:  # every row rejected already: nothing for the model
+            out = TaskOutput(
+                kept=[], columns={f.name: [] for f in task.schema.fields if f.name != "id"}
+            )
+        t2 = time.perf_counter()
     kept = [good[k] for k in out.kept]
     bad += [(good[k], reason, detail) for k, reason, detail in out.rejected]
-    t2 = time.perf_counter()
 
     schema = task.schema.arrow
     columns = {"id": [data.ids[i] for i in kept], **out.columns}
@@ -156,7 +181,13 @@ def run_shard(
     result.rows_rejected = len(bad)
     result.rejected_by_reason = dict(Counter(r for _, r, _ in bad))
     result.tokens = out.tokens
-    result.seconds = {"read": t1 - t0, "model": t2 - t1, "write": t3 - t2}
+    result.seconds = {
+        "read": t1 - t0,
+        "wait": t_lock - t1,  # for the other shard of this worker to leave the model
+        "load": t_loaded - t_lock,  # the model's load, on a worker's first shard (unless warm)
+        "model": t2 - t_loaded,
+        "write": t3 - t2,
+    }
     if result.rows_in != result.rows_out + result.rows_rejected:  # invariant 1: nothing lost
         raise AssertionError(
             f"shard {shard.id}: {result.rows_in} in != {result.rows_out} + {result.rows_rejected}"

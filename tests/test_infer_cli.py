@@ -1,5 +1,6 @@
 """`fastserve infer` end to end: the real command, a real Dask cluster, real Parquet."""
 
+import itertools
 import json
 
 import pyarrow as pa
@@ -7,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schemas
+from pipeline.manifest import RunDir
 
 from conftest import run_cli, write_corpus
 from reference import pipeline_sentiment
@@ -158,6 +160,26 @@ def infer(tmp_path, classifier, corpus, **extra):
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", v]
     return run_cli(*args)
+
+
+def test_next_shard_is_read_while_the_model_runs_one_shard_at_a_time(tmp_path, classifier):
+    """A worker reads (and writes) one shard while another is in the model, but never runs the
+    model on two at once: per-shard read/wait/model times from the records, on 1 worker."""
+    write_corpus(tmp_path / "corpus", n_files=6, rows=60)
+    proc = infer(tmp_path, classifier, tmp_path / "corpus", batch_size=1, shard_rows=60)
+    assert proc.returncode == 0, proc.stderr
+    spans = []  # (model start, model end, read end) per shard, on one clock
+    for r in RunDir.at(tmp_path / "out").records().values():
+        s = r["seconds"]
+        begin = r["started"] + s["read"] + s["wait"] + s["load"]
+        spans.append((begin, begin + s["model"], r["started"] + s["read"]))
+    spans.sort()
+    assert len(spans) == 6
+    for (_, end, _), (begin, _, _) in itertools.pairwise(spans):
+        assert begin >= end - 0.01, "two shards were in the model at once"
+    # every later shard had been read before the one ahead of it left the model
+    read_ahead = [nxt[2] < cur[1] for cur, nxt in itertools.pairwise(spans)]
+    assert sum(read_ahead) >= 4, spans
 
 
 @pytest.mark.mpi
