@@ -56,6 +56,22 @@ def test_greedy_generation_is_token_identical_to_generate(gpt2):
         ]
 
 
+def test_greedy_identical_when_refills_are_longer_than_the_running_cache(gpt2):
+    """Newcomers go into finished rows' slots in place when they fit in the running cache, and
+    join the batch otherwise: long prompts admitted last (smallest limits) take the second way."""
+    prompts = sample_texts(6, seed=4, min_words=1, max_words=2) + sample_texts(
+        3, seed=5, min_words=30, max_words=40
+    )
+    limits = [6, 5, 4, 4, 3, 3, 2, 1, 1]
+    ref = hf_generate(gpt2, prompts, limits)
+    tok = AutoTokenizer.from_pretrained(gpt2)
+    for bs in (2, 3):
+        out = task(gpt2, name="generate", batch_size=bs, max_new_tokens_column="n").process(
+            prompts, ids(9), {"n": limits}
+        )
+        assert out.columns["generated"] == [tok.decode(r, skip_special_tokens=True) for r in ref]
+
+
 def test_sampling_is_reproducible_per_row_whatever_the_batching(gpt2):
     prompts = sample_texts(12, seed=2, max_words=8)
     cfg = dict(

@@ -147,6 +147,30 @@ class HFCausalLM:
         st["mask"], st["pos"] = st["mask"][rows], st["pos"][rows]
         return st
 
+    def refill(self, st: dict, slots: list[int], new: dict) -> dict | None:
+        """Rows prefilled since (`new`) take the `slots` of finished rows, in place: their cache
+        is written at the end of the running one, the positions before it masked. None when
+        they are longer than the running cache (the caller joins them instead)."""
+        layers = st["cache"].layers
+        S, L = st["mask"].shape[1], new["mask"].shape[1]
+        if L > S or not all(hasattr(layer, "write_rows") for layer in layers):
+            return None
+        rows = torch.tensor(slots, device=st["mask"].device)
+        for layer, fresh in zip(layers, new["cache"].layers, strict=True):
+            layer.write_rows(rows, fresh.keys, fresh.values)
+        mask = st["mask"].clone()
+        mask[rows] = 0
+        mask[rows, S - L :] = new["mask"]
+        st["pos"] = st["pos"].clone()
+        st["pos"][rows] = new["pos"]
+        # the finished rows' old positions are free now: drop those no row attends to
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        for layer in layers:
+            layer.trim(first)
+        st["mask"] = mask[:, first:]
+        return st
+
     def join(self, st: dict, new: dict) -> dict:
         """Rows prefilled since (`new`) join the running batch (`st`), after it."""
         cache = st["cache"]
@@ -267,8 +291,9 @@ def generate(
 
     Continuous batching: at most `slots` rows decode together (all of them when None). A row
     that finishes (eos, a stop string, its token limit) is done at once; its slot is refilled
-    from the queue as soon as a few slots are free: the newcomers are prefilled and join the
-    running batch, left-padded to its cache length. Admission is longest-first (most new tokens allowed, then longest prompt), so
+    from the queue as soon as a few slots are free: the newcomers are prefilled and written
+    into the finished rows' slots in place where the model's cache allows it (else the batch is
+    compacted and they join it, left-padded to its cache length). Admission is longest-first (most new tokens allowed, then longest prompt), so
     the rows that take longest start first and no straggler runs alone at the end.
     """
     n = len(prompts)
@@ -315,15 +340,31 @@ def generate(
         free = slots - len(alive)
         dead = len(live) - len(alive)
         if (queue and free >= min(refill_at, len(queue))) or dead >= refill_at or not alive:
-            if dead:  # compact
+            admit: list[int] = []
+            if queue and free:  # newcomers for the free slots
+                admit, queue = queue[:free], queue[free:]
+                new_logits, new_st = lm.prefill([prompts[i] for i in admit], pad)
+            dead_slots = [j for j, i in enumerate(live) if i is None]
+            if (
+                admit
+                and alive
+                and len(admit) <= dead
+                and hasattr(lm, "refill")
+                and (placed := lm.refill(st, dead_slots[: len(admit)], new_st)) is not None
+            ):  # in place, into the dead slots: no copy of the running cache
+                st = placed
+                logits = logits.clone()
+                logits[torch.tensor(dead_slots[: len(admit)])] = new_logits
+                for j, i in zip(dead_slots, admit, strict=False):
+                    live[j] = i
+                admit = []
+            elif dead:  # compact: one copy of the running rows
                 if alive:
                     st = lm.keep(st, torch.tensor(alive, device=logits.device))
                     logits, live = logits[alive], [live[j] for j in alive]
                 else:
                     logits, st, live = None, None, []
-            if queue and free:  # refill the free slots
-                admit, queue = queue[:free], queue[free:]
-                new_logits, new_st = lm.prefill([prompts[i] for i in admit], pad)
+            if admit:  # the newcomers join after the running rows
                 if live:
                     logits, st = torch.cat([logits, new_logits]), lm.join(st, new_st)
                 else:
