@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,12 @@ from .errors import ConfigError
 # A worker whose scheduler is gone (its client killed) exits after this many seconds, so a killed
 # run leaves no workers behind for long.
 DEATH_TIMEOUT_S = 10
+# Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in the workers it spawns (to hand memory back to the OS).
+# Any explicit malloc threshold turns off glibc's dynamic mmap threshold: every activation tensor of
+# a forward pass is then a fresh mmap, page faults and all (measured: DistilBERT on CPU 25% slower).
+# A model's memory stays resident anyway, so workers keep glibc's default unless the user set one.
+_USER_MALLOC_TRIM = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
 # Task threads per worker: a shard in the model and the next one reading (or the last one
 # writing) beside it. The model itself runs one shard at a time per worker (pipeline/runner.py).
 TASK_SLOTS = 2
@@ -139,11 +146,57 @@ class DaskExecutor:
         self.client.cancel([f for f in futures if f.key not in running])
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES (Slurm sets it to the job's GPUs),
+    else those `nvidia-smi -L` lists; none on a machine without NVIDIA GPUs."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU")]
+
+
+def _one_gpu_per_worker(ordinal: Callable[[Any], int]):
+    """A worker plugin: worker k sees only GPU k mod (the GPUs visible), set before anything in it
+    initialises CUDA, so `--workers` = the node's GPUs gives each worker its own GPU."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class OneGPUPerWorker(WorkerPlugin):
+        name = "fastserve-one-gpu-per-worker"
+
+        def setup(self, worker) -> None:
+            gpus = visible_gpus()
+            if len(gpus) > 1:
+                os.environ["CUDA_VISIBLE_DEVICES"] = gpus[ordinal(worker) % len(gpus)]
+
+    return OneGPUPerWorker()
+
+
+def _local_cluster(cfg: ClusterConfig, threads: int):
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=cfg.workers,
+        # Two task threads: one shard in the model (torch uses `threads` inside it), the next
+        # one reading meanwhile (pipeline/runner.py holds the model to one shard at a time).
+        threads_per_worker=TASK_SLOTS,
+        processes=True,
+        host=cfg.host,
+        dashboard_address=f"{cfg.host}:0",
+        death_timeout=DEATH_TIMEOUT_S,
+        silence_logs=logging.ERROR,
+        env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+    )
+
+
 @contextmanager
 def dask_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
     """A DaskExecutor on a running scheduler (cfg.scheduler_address) or on a LocalCluster
     started here with cfg.workers processes, listening on cfg.host (loopback by default)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if cfg.scheduler_address:
         try:
@@ -159,21 +212,18 @@ def dask_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
         finally:
             client.close()
         return
+    import dask
+
     threads = worker_threads(cfg.threads_per_worker, cfg.workers)
-    cluster = LocalCluster(
-        n_workers=cfg.workers,
-        # Two task threads: one shard in the model (torch uses `threads` inside it), the next
-        # one reading meanwhile (pipeline/runner.py holds the model to one shard at a time).
-        threads_per_worker=TASK_SLOTS,
-        processes=True,
-        host=cfg.host,
-        dashboard_address=f"{cfg.host}:0",
-        death_timeout=DEATH_TIMEOUT_S,
-        silence_logs=logging.ERROR,
-        env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-    )
+    if _USER_MALLOC_TRIM is None:  # an earlier nanny of this process may have set it here
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    trim = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": _USER_MALLOC_TRIM}
+    with dask.config.set(trim):
+        cluster = _local_cluster(cfg, threads)
     client = Client(cluster)
     try:
+        # LocalCluster names its workers 0, 1, ...
+        client.register_plugin(_one_gpu_per_worker(lambda w: int(w.name)))
         yield DaskExecutor(client, threads)
     finally:
         client.close()
@@ -332,6 +382,10 @@ def slurm_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
     client = Client(scheduler_file=path, timeout="60s")
     try:
         client.wait_for_workers(1, timeout=120)
+        # tasks 2+ are the workers; their local ids order them on each node
+        client.register_plugin(
+            _one_gpu_per_worker(lambda w: int(os.environ.get("SLURM_LOCALID", "0")))
+        )
         yield DaskExecutor(client, threads)
     finally:
         with suppress(Exception):
