@@ -374,8 +374,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1000, help="encoder rows (embed: twice as many)")
     ap.add_argument("--shards", type=int, default=100)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--batch-size", type=int, default=32, help="encoders: most rows per batch")
+    ap.add_argument(
+        "--max-tokens", type=int, help="encoders: padded tokens per batch [FastServe's]"
+    )
+    ap.add_argument("--batch-size", type=int, help="encoders: most rows per batch [FastServe's]")
     ap.add_argument("--prompts", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, nargs=2, default=(8, 128))
     ap.add_argument("--slots", type=int, default=32, help="FastServe's decode slots")

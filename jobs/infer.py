@@ -75,10 +75,14 @@ def _overrides(**flags) -> dict:
     "--shard-rows", type=int, help="Rows per shard (the unit of work and memory) [100000]."
 )
 @click.option(
-    "--batch-size", type=int, help="Most rows per model call; generate: decode slots [32]."
+    "--batch-size",
+    type=int,
+    help="Most rows per model call [sentiment, embed: 256; generate: decode slots, 32].",
 )
 @click.option(
-    "--max-tokens", type=int, help="sentiment, embed: most padded tokens per model call [8192]."
+    "--max-tokens",
+    type=int,
+    help="sentiment, embed: most padded tokens per model call [2048 on CPU, 16384 on GPU].",
 )
 @click.option("--max-length", type=int, help="Longest input in tokens [the model's limit].")
 @click.option(

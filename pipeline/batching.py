@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# Rows per call when task.batch_size is unset: generate's decode slots, translate's batches.
+ROWS_PER_CALL = 32
+
 
 def length_sorted_batches(
     lengths: Sequence[int], batch_size: int, max_tokens: int | None = None

@@ -4,7 +4,7 @@ A job file is TOML with one table per concern; command-line flags override it:
 
     [input]   paths = ["corpus/"]  text_column = "text"
     [model]   path = "models/sst2"
-    [task]    name = "sentiment"   batch_size = 32
+    [task]    name = "sentiment"   max_tokens = 2048
     [output]  path = "out/"
     [cluster] workers = 2
 
@@ -62,12 +62,14 @@ class ModelConfig:
 class TaskConfig:
     name: str = "sentiment"
     """What to run: sentiment, translate, generate or embed."""
-    batch_size: int = 32
+    batch_size: int | None = None
     """Most rows per model call (rows are sorted by length first, so batches pad little); for
-    generate, the rows decoding together (continuous batching: a finished row's slot is refilled)."""
-    max_tokens: int = 8192
+    generate, the rows decoding together (continuous batching: a finished row's slot is refilled).
+    Unset: 256 for sentiment and embed (max_tokens decides), 32 for generate and translate."""
+    max_tokens: int | None = None
     """sentiment, embed: most padded tokens per model call (rows x the batch's longest row), so
-    short rows go in big batches and long ones in small. 0: rows alone (batch_size) decide."""
+    short rows go in big batches and long ones in small. 0: rows alone (batch_size) decide.
+    Unset: 2048 on CPU (a batch's activations stay in cache), 16384 on GPU."""
     max_length: int | None = None
     """Longest input in tokens. Unset: the model's own limit."""
     on_long: str = "truncate"
@@ -275,8 +277,14 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
         f"task.name is {cfg.task.name!r}; expected one of {', '.join(TASKS)}",
     )
     need(cfg.input.shard_rows > 0, f"input.shard_rows must be > 0, got {cfg.input.shard_rows}")
-    need(cfg.task.batch_size > 0, f"task.batch_size must be > 0, got {cfg.task.batch_size}")
-    need(cfg.task.max_tokens >= 0, f"task.max_tokens must be >= 0, got {cfg.task.max_tokens}")
+    need(
+        cfg.task.batch_size is None or cfg.task.batch_size > 0,
+        f"task.batch_size must be > 0, got {cfg.task.batch_size}",
+    )
+    need(
+        cfg.task.max_tokens is None or cfg.task.max_tokens >= 0,
+        f"task.max_tokens must be >= 0, got {cfg.task.max_tokens}",
+    )
     need(
         cfg.task.max_length is None or cfg.task.max_length > 0,
         f"task.max_length must be > 0, got {cfg.task.max_length}",

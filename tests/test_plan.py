@@ -134,3 +134,18 @@ def test_token_budget_counts_padding():
     assert batches[0] == [0]  # one row over budget still gets a batch
     for b in batches[1:]:
         assert max(lengths[i] for i in b) * len(b) <= 40
+
+
+def test_encoder_batches_default_to_a_token_budget_per_device():
+    from pipeline.config import TaskConfig
+    from pipeline.tasks.encoding import batch_limits
+
+    assert batch_limits(TaskConfig(), "cpu") == (256, 2048)
+    assert batch_limits(TaskConfig(), "cuda:0") == (256, 16384)
+    assert batch_limits(TaskConfig(batch_size=8, max_tokens=0), "cpu") == (8, 0)  # 0: no budget
+    # unset, the budget decides: short rows fill big batches, long rows small ones
+    lengths = [8] * 300 + [200] * 40
+    rows, tokens = batch_limits(TaskConfig(), "cpu")
+    batches = length_sorted_batches(lengths, rows, tokens)
+    assert {len(b) for b in batches if lengths[b[0]] == 200} == {10}
+    assert max(len(b) for b in batches if lengths[b[0]] == 8) == 256

@@ -8,6 +8,7 @@ tokenized as `tokenizer(prompt)` does (special tokens included), so greedy outpu
 from __future__ import annotations
 
 from .. import schemas
+from ..batching import ROWS_PER_CALL
 from ..config import ModelConfig, TaskConfig
 from ..models import load_model
 from ..models.decoding import GPTCausalLM, HFCausalLM, LSTMCausalLM, Sampling, generate
@@ -100,7 +101,7 @@ class GenerateTask:
                 self.sampling,
                 self.eos,
                 cfg.stop,
-                slots=cfg.batch_size,
+                slots=cfg.batch_size or ROWS_PER_CALL,
             )
             results.update(zip(todo, outs, strict=True))
         kept = sorted(results)

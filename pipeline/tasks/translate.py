@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 
 from .. import schemas
-from ..batching import length_sorted_batches
+from ..batching import ROWS_PER_CALL, length_sorted_batches
 from ..config import ModelConfig, TaskConfig
 from ..errors import ConfigError
 from ..models import load_model
@@ -77,7 +77,9 @@ class TranslateTask:
         with torch.inference_mode():
             for lang, group in sorted(by_lang.items(), key=lambda kv: str(kv[0])):
                 bos = self.forced_bos(lang)
-                for batch in length_sorted_batches([enc.lengths[i] for i in group], cfg.batch_size):
+                for batch in length_sorted_batches(
+                    [enc.lengths[i] for i in group], cfg.batch_size or ROWS_PER_CALL
+                ):
                     rows = [group[b] for b in batch]
                     inputs = pad_batch(
                         [enc.features[i] for i in rows],
