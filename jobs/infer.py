@@ -77,7 +77,7 @@ def _overrides(**flags) -> dict:
 @click.option(
     "--batch-size",
     type=int,
-    help="Most rows per model call [sentiment, embed: 256; generate: decode slots, 32].",
+    help="Most rows per model call [sentiment, embed: 256; generate (decode slots), translate: 32].",
 )
 @click.option(
     "--max-tokens",
