@@ -6,8 +6,8 @@
 Each comparison alternates the two sides (A B A B ..., --rounds rounds) and prints the median and
 spread of each, their ratio, and for the encoders the fraction of the FLOP limit: the model's
 matmul FLOPs for the real (unpadded) tokens over the matmul rate measured here right after each
-of FastServe's runs, with the same threads (the median over rounds). Random-initialised weights at the real architectures' sizes: compute does not
-depend on the values.
+of FastServe's runs, with the same threads (the median over rounds). Random-initialised weights
+at the real architectures' sizes: compute does not depend on the values.
 
 Workloads:
   encoder   DistilBERT-sized classifier, rows of 5-200 words: `fastserve` end to end (Parquet in,

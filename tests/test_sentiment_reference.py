@@ -85,7 +85,11 @@ def test_out_of_memory_halves_the_batch_and_a_row_that_never_fits_is_rejected(cl
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return inputs["input_ids"][:, 0]
 
-    done = [i for batch, _ in rows.run(model, 16, 0, "cpu") for i in batch]
+    done = [
+        i
+        for batch, _ in rows.run(model, TaskConfig(batch_size=16, max_tokens=0), "cpu")
+        for i in batch
+    ]
     assert sorted(done + [r[0] for r in rows.rejected]) == list(range(20))  # nothing lost
     assert [r[:2] for r in rows.rejected] == [
         (i, "oom") for i in range(20) if rows.enc.lengths[i] == width

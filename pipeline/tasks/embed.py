@@ -19,7 +19,7 @@ from ..config import ModelConfig, TaskConfig
 from ..models import load_model
 from . import MODEL_KINDS
 from .base import TaskOutput
-from .encoding import EncoderRows, batch_limits, model_max_length
+from .encoding import EncoderRows, model_max_length
 
 
 def sentence_transformers_settings(path: str) -> dict:
@@ -89,9 +89,7 @@ class EmbedTask:
 
         done: list[int] = []
         with torch.inference_mode():
-            for rows, v in rows_in.run(
-                embed, *batch_limits(self.cfg, self.loaded.device), self.loaded.device
-            ):
+            for rows, v in rows_in.run(embed, self.cfg, self.loaded.device):
                 vectors[rows] = v
                 done += rows
         kept = sorted(done)

@@ -96,12 +96,14 @@ class EncoderRows:
             self.rejected = [(i, "too_long", detail) for i in self.todo if self.enc.truncated[i]]
             self.todo = [i for i in self.todo if not self.enc.truncated[i]]
 
-    def run(self, fn, batch_size: int, max_tokens: int, device, padding_side: str | None = None):
+    def run(self, fn, cfg, device, padding_side: str | None = None):
         """Yield (row indices, fn(padded input tensors)) per batch, longest rows first; batches
-        hold at most batch_size rows and max_tokens padded tokens (0: no budget). On GPU
+        hold at most the task's batch_size rows and max_tokens padded tokens (`batch_limits`;
+        0: no budget). On GPU
         out-of-memory a batch is halved and retried; a row that does not fit alone is rejected
         (reason oom), so a shard is never lost to one long row."""
         lengths = [self.enc.lengths[i] for i in self.todo]
+        batch_size, max_tokens = batch_limits(cfg, device)
         for batch in length_sorted_batches(lengths, batch_size, max_tokens or None):
             yield from self._run([self.todo[b] for b in batch], fn, device, padding_side)
 

@@ -13,7 +13,7 @@ from ..config import ModelConfig, TaskConfig
 from ..models import load_model
 from . import MODEL_KINDS
 from .base import TaskOutput
-from .encoding import EncoderRows, batch_limits, model_max_length
+from .encoding import EncoderRows, model_max_length
 
 
 class SentimentTask:
@@ -52,9 +52,7 @@ class SentimentTask:
             return self._scores(self.loaded.model(**inputs).logits).cpu()
 
         with torch.inference_mode():
-            for rows, scores in rows_in.run(
-                classify, *batch_limits(self.cfg, self.loaded.device), self.loaded.device
-            ):
+            for rows, scores in rows_in.run(classify, self.cfg, self.loaded.device):
                 for i, s in zip(rows, scores.tolist(), strict=True):
                     probs[i] = s
         kept = sorted(probs)
