@@ -130,8 +130,8 @@ def infer(config_file, **flags) -> None:
     # SIGINT (Ctrl-C), SIGTERM (kill, scancel), SIGUSR1 (Slurm's warning before a time limit)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
-    # Slurm facts, read here (the library knows no Slurm): an array task does its share of the
-    # shards, and the job id is kept in run.json for `fastserve status`.
+    # Slurm facts: an array task does its share of the shards, and the job id is kept in the
+    # run's entry (_manifest/runs/) for `fastserve status`.
     env = os.environ
     share = (0, 1)
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
@@ -148,13 +148,23 @@ def infer(config_file, **flags) -> None:
         launcher=launcher,
     )
     progress.finish(summary)
+    for note in summary.notes:
+        click.echo(f"note: {note}", err=True)
     if summary.failed:
+        files = sum(k.startswith("file ") for k in summary.failed)
         click.secho(
-            f"{len(summary.failed)} shard(s) failed; the others are complete:", err=True, fg="red"
+            f"{files} input file(s) and {len(summary.failed) - files} shard(s) failed; "
+            "the rest is complete:",
+            err=True,
+            fg="red",
         )
         for reason in summary.failed.values():
             click.echo(f"  {reason}", err=True)
-        click.echo("Fix or remove those inputs and rerun the same command to finish.", err=True)
+        click.echo(
+            "Fix those inputs (or leave them out) and rerun the same command: a fixed file is "
+            "planned again, the rest is not redone.",
+            err=True,
+        )
     if summary.interrupted:
         click.echo(
             "interrupted: completed shards are kept; rerun the same command to finish.", err=True

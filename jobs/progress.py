@@ -24,6 +24,13 @@ class Progress:
         self.bar = None
 
     def start(self, summary: RunSummary, pending: int) -> None:
+        """The run's shards are known (called again when shards are planned again mid-run)."""
+        if self.total:  # a second round: shards of a failed shard's readable files, packed again
+            self.total += pending
+            click.echo(f"re-planned: {pending} more shard(s) to do", err=True)
+            if self.bar is not None:
+                self.bar.update(self.task, total=self.total)
+            return
         self.total = pending
         self.t0 = time.time()
         click.echo(

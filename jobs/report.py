@@ -86,16 +86,16 @@ def load_run(path: str | Path) -> InferRun | TrainRun:
             f"{path}: not a FastServe run folder (no _manifest/run.json and no metrics.jsonl); "
             "pass an infer --output folder or a train output.path folder"
         )
-    from pipeline.plan import read_plan
+    from pipeline.ledger import read_ledger
 
     sha = info["fingerprint"]["sha"]
-    records = [r for r in run.records().values() if r.get("fingerprint") == sha]
+    live = read_ledger(run.plan_dir).live
+    ids = {s.id for s in live}
+    records = [r for k, r in run.records().items() if r.get("fingerprint") == sha and k in ids]
     records.sort(key=lambda r: r["started"])
-    summaries = [json.loads(f.read_text()) for f in sorted(run.summaries_dir.glob("*.json"))]
+    summaries = [e for e in run.run_entries() if "finished" in e]
     fields_ = info["fingerprint"]["fields"]
-    return InferRun(
-        p, fields_["task"], fields_["model"], len(read_plan(run.plan_dir)), records, summaries
-    )
+    return InferRun(p, fields_["task"], fields_["model"], len(live), records, summaries)
 
 
 # -- plots -------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class SlurmConfig:
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
-_OPTION = re.compile(r"^--[a-z][a-z-]*(=[^\n\r\0]*)?$")
+_OPTION = re.compile(r"^--[a-z][a-z-]*(=[^\s'\"`$;\\]+)?$")
 _WORD = re.compile(r"^[A-Za-z0-9._,:@%/+=-]+$")
 
 
@@ -93,16 +93,19 @@ def _check(cfg: SlurmConfig, where: str) -> None:
         if v is not None and not _WORD.match(v):
             bad(key, v, "a plain name")
     for path_key in ("output", "error"):
+        # sbatch splits an #SBATCH line at spaces: a space would start another option
         v = getattr(cfg, path_key)
-        if v is not None and not _WORD.match(v.replace(" ", "")):
+        if v is not None and not _WORD.match(v):
             bad(
                 path_key,
                 v,
-                "a path of letters, digits and ._-/%+=@, (no quotes, $, ;, or backticks)",
+                "a path of letters, digits and ._-/%+=@, (no spaces, quotes, $, ; or backticks)",
             )
     for opt in cfg.extra:
         if not _OPTION.match(opt):
-            bad("extra", opt, "options of the form --name=value")
+            bad("extra", opt, "one option per entry, of the form --name=value (no spaces)")
+    if not 0 <= cfg.signal_grace_s <= 65535:  # sbatch's --signal range
+        bad("signal_grace_s", cfg.signal_grace_s, "seconds from 0 to 65535")
     if cfg.dependency is not None and not re.match(r"^afterok:\d+(:\d+)*$", cfg.dependency):
         bad("dependency", cfg.dependency, "afterok:<job id>")
     if cfg.max_requeues < 0:

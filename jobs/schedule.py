@@ -1,6 +1,6 @@
 """`fastserve schedule`: run an inference job file again and again (nightly), with Slurm's own
 scheduling. Each run is incremental (the input files that arrived since the last run) and leaves
-a dated summary in the run folder (_manifest/summaries/).
+a dated entry in the run folder (_manifest/runs/).
 
 fastserve schedule job.toml --cron "0 2 * * *"     # every night at 02:00
 fastserve schedule job.toml --every 6h             # every six hours
@@ -43,24 +43,31 @@ def registry(home: str | None = None) -> Path:
     return Path(base) / "schedules"
 
 
+MAX_EVERY_S = 366 * 86400
+
+
 def parse_every(text: str) -> int:
     m = _DURATION.match(text.strip())
-    if not m or int(m.group(1)) == 0:
+    seconds = int(m.group(1)) * _UNITS[m.group(2)] if m else 0
+    if not 0 < seconds <= MAX_EVERY_S:
         raise ConfigError(
-            f"--every {text!r}: expected a period such as 30s, 15m, 6h or 1d; use --cron for times of day"
+            f"--every {text!r}: expected a period from 1s to 366d, such as 30s, 15m, 6h or 1d; "
+            "use --cron for times of day"
         )
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    return seconds
 
 
 def check_cron(expr: str) -> str:
+    """A five-field cron line (no seconds field, no newline), as Slurm's scrontab takes it."""
     from cronsim import CronSim, CronSimError
 
+    expected = 'expected five fields "minute hour day month weekday", e.g. "0 2 * * *"'
+    if expr != expr.strip() or "\n" in expr or "\r" in expr or len(expr.split()) != 5:
+        raise ConfigError(f"--cron {expr!r}: {expected}")
     try:
         CronSim(expr, datetime.now())
     except CronSimError as e:
-        raise ConfigError(
-            f'--cron {expr!r}: {e}; expected five fields "minute hour day month weekday", e.g. "0 2 * * *"'
-        ) from None
+        raise ConfigError(f"--cron {expr!r}: {e}; {expected}") from None
     return expr
 
 

@@ -11,8 +11,8 @@ import time
 import click
 
 from pipeline.errors import UserError
+from pipeline.ledger import read_ledger
 from pipeline.manifest import RunDir
-from pipeline.plan import read_plan
 
 
 @click.command()
@@ -24,8 +24,11 @@ def status(output: str) -> None:
     if info is None:
         raise UserError(f"{output} is not a FastServe run folder (no _manifest/run.json)")
     fp = info["fingerprint"]
-    planned = read_plan(run.plan_dir)
-    records = {k: r for k, r in run.records().items() if r.get("fingerprint") == fp["sha"]}
+    ledger = read_ledger(run.plan_dir)
+    live = {s.id for s in ledger.live}
+    records = {
+        k: r for k, r in run.records().items() if r.get("fingerprint") == fp["sha"] and k in live
+    }
     rows_in = sum(r["rows_in"] for r in records.values())
     rows_out = sum(r["rows_out"] for r in records.values())
     rejected: dict[str, int] = {}
@@ -33,15 +36,17 @@ def status(output: str) -> None:
         for reason, n in r["rejected_by_reason"].items():
             rejected[reason] = rejected.get(reason, 0) + n
     model_s = sum(r["seconds"].get("model", 0) for r in records.values())
-    planned_rows = sum(s.rows for s in planned)
-    runs = info.get("runs") or []
-    active = info.get("active")
+    planned_rows = sum(s.rows for s in ledger.live)
+    runs = run.run_entries()
+    active = [e for e in runs if "finished" not in e]
+    ended = [e for e in runs if "finished" in e]
     if run.success.exists():
         state = "complete (_SUCCESS)"
     elif active:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(active["started"]))
-        state = f"running since {started} (pid {active['pid']} on {active['host']}), or killed then"
-    elif runs and runs[-1].get("interrupted"):
+        e = active[-1]
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["started"]))
+        state = f"running since {started} (pid {e['pid']} on {e['host']}), or killed then"
+    elif ended and ended[-1].get("interrupted"):
         state = "incomplete: the last run was interrupted; rerun the same command to finish"
     else:
         state = "incomplete: rerun the same command to finish"
@@ -51,7 +56,7 @@ def status(output: str) -> None:
         f"fingerprint  {fp['sha']}  (task {f['task']}, model {f['model']}, schema {f['schema']})"
     )
     click.echo(f"state        {state}")
-    click.echo(f"shards       {len(records)} of {len(planned)} complete")
+    click.echo(f"shards       {len(records)} of {len(ledger.live)} complete")
     click.echo(
         f"rows         in {rows_in} of {planned_rows} planned = out {rows_out} + rejected {sum(rejected.values())}"
     )
@@ -62,9 +67,11 @@ def status(output: str) -> None:
     if records:
         last = max(r["finished"] for r in records.values())
         click.echo(f"last shard   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")
-    for sid, reason in ((runs[-1] if runs else {}).get("failed") or {}).items():
-        click.echo(f"failed       {sid}: {reason}")
-    jobs = [r["slurm_job_id"] for r in [*runs, active or {}] if r.get("slurm_job_id")]
+    for what, reason in ((ended[-1] if ended else {}).get("failed") or {}).items():
+        click.echo(f"failed       {what}: {reason}")
+    if ledger.retracted:
+        click.echo(f"withdrawn    {len(ledger.retracted)} shard(s) (changed files, re-planned)")
+    jobs = [r["slurm_job_id"] for r in runs if r.get("slurm_job_id")]
     for job_id in dict.fromkeys(jobs):
         click.echo(f"slurm job   {job_id}: {slurm_state(job_id)}")
 

@@ -308,6 +308,11 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     need(0 < t.top_p <= 1, f"task.top_p must be in (0, 1], got {t.top_p}")
     need(t.top_k >= 0, f"task.top_k must be >= 0, got {t.top_k}")
     need(
+        all(t.stop),
+        "task.stop holds an empty string, which would end every generation before its first "
+        "token; remove it",
+    )
+    need(
         t.pooling in POOLING, f"task.pooling is {t.pooling!r}; expected one of {', '.join(POOLING)}"
     )
     need(

@@ -1,9 +1,12 @@
 """Ids unique across the corpus: a row whose id was seen earlier is rejected as duplicate_id.
 
 "Earlier" is fixed, so that a run killed and rerun decides exactly as an uninterrupted one: ids
-already written by completed shards come first, then the pending shards in plan order, then rows in
-shard order. Workers hash the ids (16-byte BLAKE2b: collisions are out of reach at any corpus
-size); the client holds 16 bytes per row while it compares them, nothing more.
+already written by any completed shard of the folder come first (whatever this run's inputs are),
+then the pending shards in plan order, then rows in shard order. Each judgement names the shard
+holding the first occurrence; the completion record keeps those names (`dup_of`), so that when that
+shard is withdrawn the judgement is made again (pipeline/ledger.py). Workers hash the ids (16-byte
+BLAKE2b: collisions are out of reach at any corpus size); the client holds 16 bytes per row while
+it compares them, nothing more.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import InputConfig
@@ -48,34 +52,51 @@ def pending_hashes(shard: Shard, cfg: InputConfig) -> np.ndarray | None:
     return np.concatenate(out) if any_column and out else None
 
 
-def written_hashes(output_path: str) -> np.ndarray:
-    """Hashes of the ids a completed shard wrote."""
-    return _hash(pq.read_table(output_path, columns=["id"]).column(0).to_pylist())
+def written_hashes(output_path: str) -> np.ndarray | str:
+    """Hashes of the ids a completed shard wrote, or why they cannot be read (the run must then
+    stop: a duplicate check that skips a file is no check)."""
+    try:
+        return _hash(pq.read_table(output_path, columns=["id"]).column(0).to_pylist())
+    except (OSError, pa.ArrowException, KeyError) as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def find_duplicates(
-    written: list[np.ndarray], pending: list[tuple[Shard, np.ndarray | None]]
-) -> dict[str, dict[int, str]]:
-    """{shard id: {row: detail}} for every pending row whose id appeared before it."""
-    taken = np.concatenate(written) if written else np.array([], dtype="S16")
+    written: list[tuple[str, np.ndarray]], pending: list[tuple[Shard, np.ndarray | None]]
+) -> dict[str, dict[int, tuple[str, str]]]:
+    """{shard id: {row: (detail, id of the shard with the first occurrence)}} for every pending
+    row whose id appeared before it. `written`: (shard id, hashes) of completed shards."""
     parts = [(s, h) for s, h in pending if h is not None]
     if not parts:
         return {}
+    if written:
+        taken = np.concatenate([h for _, h in written])
+        taken_owner = np.concatenate([np.full(len(h), i) for i, (_, h) in enumerate(written)])
+        order = np.argsort(taken, kind="stable")
+        taken, taken_owner = taken[order], taken_owner[order]
+    else:
+        taken, taken_owner = np.array([], dtype="S16"), np.array([], dtype=int)
     allh = np.concatenate([h for _, h in parts])
     owner = np.concatenate([np.full(len(h), i) for i, (_, h) in enumerate(parts)])
     offset = np.concatenate([np.arange(len(h)) for _, h in parts])
     _, first, inverse = np.unique(allh, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
     dup = np.ones(len(allh), dtype=bool)
     dup[first] = False
-    dup |= np.isin(allh, taken)
+    at = np.searchsorted(taken, allh)
+    in_taken = at < len(taken)
+    in_taken[in_taken] = taken[at[in_taken]] == allh[in_taken]
+    dup |= in_taken
     dup &= allh != _NULL
-    out: dict[str, dict[int, str]] = {}
+    out: dict[str, dict[int, tuple[str, str]]] = {}
     for i in np.flatnonzero(dup):  # few, normally: details only for them
-        j = first[inverse[i]]
-        if j != i:
-            shard, _ = parts[owner[j]]
-            detail = f"the same id is at row {offset[j]} of shard {shard.id} ({shard.sources})"
+        if in_taken[i]:
+            src = written[taken_owner[at[i]]][0]
+            detail = f"the same id was written earlier into this folder (shard {src})"
         else:
-            detail = "the same id was written by an earlier run into this folder"
-        out.setdefault(parts[owner[i]][0].id, {})[int(offset[i])] = detail
+            j = first[inverse[i]]
+            shard, _ = parts[owner[j]]
+            src = shard.id
+            detail = f"the same id is at row {offset[j]} of shard {shard.id} ({shard.sources})"
+        out.setdefault(parts[owner[i]][0].id, {})[int(offset[i])] = (detail, src)
     return out

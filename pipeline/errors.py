@@ -24,3 +24,7 @@ class ModelError(UserError):
 
 class RunStateError(UserError):
     """An output folder whose state forbids the run (e.g. another config's fingerprint)."""
+
+
+class Stopped(Exception):
+    """A stop was requested (a signal) while the run was still planning; nothing is lost."""

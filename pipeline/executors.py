@@ -201,7 +201,7 @@ def dask_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
     if cfg.scheduler_address:
         try:
             client = Client(cfg.scheduler_address, timeout="30s")
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, ValueError, TypeError) as e:
             raise ConfigError(
                 f"cannot reach the Dask scheduler at {cfg.scheduler_address} ({e}); "
                 "check cluster.scheduler_address (--scheduler-address) or leave it out to start one"

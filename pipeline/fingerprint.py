@@ -8,25 +8,61 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__, schemas
 from .config import JobConfig
 
-_SMALL = 16 << 20  # files up to this size are hashed whole; larger ones (weights) by name and size
+
+def _cache_file() -> Path | None:
+    home = os.environ.get("FASTSERVE_HOME") or str(Path.home() / ".fastserve")
+    return Path(home) / "cache" / "file-hashes.json"
+
+
+def _stat_key(p: Path) -> str:
+    # ctime too: a rewrite that restores the old size and mtime (cp -p, rsync -t) still changes it
+    st = p.stat()
+    return f"{os.path.realpath(p)}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def model_identity(path: str) -> str:
-    """A hash of the model folder's contents (config, tokenizer, weights by size)."""
+    """A hash of the model folder's contents: every file's name and bytes.
+
+    Files are hashed whole (a retrained model of the same size is another model); the hashes are
+    cached by path, size, mtime and ctime in $FASTSERVE_HOME/cache (default ~/.fastserve), so a
+    10 GB folder is read once, not on every run.
+    """
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path else {}
+    except (OSError, ValueError):
+        cache = {}
     h = hashlib.sha256()
     root = Path(path)
+    fresh = {}
     for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        rel = p.relative_to(root).as_posix()
-        size = p.stat().st_size
-        h.update(f"{rel}\0{size}\0".encode())
-        if size <= _SMALL:
-            h.update(p.read_bytes())
+        key = _stat_key(p)
+        digest = cache.get(key) or _sha256(p)
+        fresh[key] = digest
+        h.update(f"{p.relative_to(root).as_posix()}\0{digest}\0".encode())
+    if cache_path and any(k not in cache for k in fresh):
+        try:  # best effort: a read-only home only costs the hashing again next time
+            from .manifest import atomic_write_json
+
+            keep = dict(list(cache.items())[-5000:])  # bounded: the newest entries
+            atomic_write_json(cache_path, {**keep, **fresh})
+        except OSError:
+            pass
     return h.hexdigest()[:16]
 
 

@@ -1,4 +1,4 @@
-"""A whole inference run: plan the shards, bind the run folder, run what is not done, account.
+"""A whole inference run: check, plan the shards, bind the run folder, run what is not done, account.
 
     summary = run_infer(job, dask_executor)
 
@@ -12,16 +12,20 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .checks import check_job, check_output_place
 from .config import JobConfig
 from .dedupe import find_duplicates, pending_hashes, written_hashes
+from .errors import RunStateError, Stopped
 from .fingerprint import fingerprint
+from .inputs import resolve_inputs
+from .ledger import Plan, extend, read_ledger, remove_withdrawn
 from .manifest import RunDir, atomic_write_bytes, atomic_write_json
-from .plan import plan_run, resolve_inputs
-from .runner import ShardResult, run_shard, warm
-from .tasks import check_model
+from .plan import Shard
+from .runner import ShardResult, is_complete, run_shard, warm, write_error
 
 
 class Stop:
@@ -46,7 +50,9 @@ class RunSummary:
     shards_done: int = 0
     shards_skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)
-    """shard id -> reason, for shards that could not be processed."""
+    """shard id or 'file <key>' -> reason, for what could not be processed."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know that is not a failure (e.g. results withdrawn for a changed file)."""
     rows_in: int = 0
     rows_out: int = 0
     rows_rejected: int = 0
@@ -61,6 +67,12 @@ class RunSummary:
         return not self.failed and not self.interrupted and self.shards_done == self.shards_total
 
 
+def owns(shard_id: str, share: tuple[int, int]) -> bool:
+    """Whether array task `share[0]` of `share[1]` runs this shard: a function of the id alone,
+    so tasks that see the plan at different moments still give each shard exactly one owner."""
+    return zlib.crc32(shard_id.encode()) % share[1] == share[0]
+
+
 def run_infer(
     job: JobConfig,
     executor_factory: Callable,
@@ -72,135 +84,252 @@ def run_infer(
 ) -> RunSummary:
     """Run every shard of `job` that is not complete; return the run's totals.
 
-    `share=(k, n)`: this process does the shards whose plan index is k modulo n (array tasks
-    splitting one run folder; each shard has one owner, so each row is written once).
-    `launcher`: facts about what started the run (e.g. a Slurm job id), kept in run.json.
+    `share=(k, n)`: this process runs the shards it owns (array tasks splitting one run folder;
+    each shard has one owner, so each row is written once); duplicates are judged over every
+    pending shard, whoever owns it. `launcher`: facts about what started the run (e.g. a Slurm job
+    id), kept in the run's entry.
 
-    `on_start(summary, pending)` is called once the cluster is up, `on_shard(result, summary)`
-    after each shard, for progress display. Raising `stop.level` drains or abandons the run;
-    what is complete stays complete and a rerun does the rest.
+    `on_start(summary, pending)` is called once the cluster is up (and again if shards are
+    re-planned mid-run), `on_shard(result, summary)` after each shard, for progress display.
+    Raising `stop.level` drains or abandons the run; what is complete stays complete and a rerun
+    does the rest.
     """
     t0 = time.time()
     stop = stop or Stop()
-    check_model(job.model, job.task)
-    files = resolve_inputs(job.input.paths)
+    summary = RunSummary(output=str(job.output.path))
+    check_job(job)  # on the client, before any worker starts
+    try:
+        files = resolve_inputs(job.input.paths, should_stop=lambda: stop.level > 0)
+    except Stopped:
+        summary.interrupted = True
+        return summary
+    check_output_place(job, files)
     fp = fingerprint(job)
     run = RunDir.at(job.output.path)
-    run.bind(fp, job.output.overwrite)
-    shards = plan_run(run.plan_dir, files, job.input.text_column, job.input.shard_rows)
-    records = run.records()
-    done = [s for s in shards if records.get(s.id, {}).get("fingerprint") == fp["sha"]]
-    mine = {s.id for i, s in enumerate(shards) if i % share[1] == share[0]}
-    pending = [s for s in shards if s not in done and s.id in mine]
-    summary = RunSummary(output=str(run.root), shards_total=len(shards), shards_skipped=len(done))
-    if pending:
-        run.success.unlink(missing_ok=True)
-    run.update_run(
-        active={"started": t0, "pid": os.getpid(), "host": socket.gethostname(), **(launcher or {})}
-    )
+    try:
+        run.bind(fp, job.output.overwrite)
+        with run.lock():
+            return _Run(job, run, fp["sha"], files, stop, share, summary).go(
+                executor_factory, on_shard, on_start, launcher or {}, t0
+            )
+    except OSError as e:  # the folder itself: read-only, full, not a folder
+        raise RunStateError(write_error(e, run)) from None
 
-    this_run = dict.fromkeys(("shards", "rows_in", "rows_out", "rows_rejected", "tokens"), 0)
-    token = uuid.uuid4().hex[:8]  # task keys unique to this run, even on a shared scheduler
-    with executor_factory(job.cluster) as ex:
-        summary.dashboard = getattr(ex, "dashboard_link", None)
-        warming = (
-            ex.on_each_worker(warm, f"warm-{token}", job=job, threads=ex.threads) if pending else []
+
+class _Run:
+    """One run's state between planning and accounting."""
+
+    def __init__(self, job, run: RunDir, sha: str, files, stop: Stop, share, summary: RunSummary):
+        self.job, self.run, self.sha, self.files = job, run, sha, files
+        self.stop, self.share, self.summary = stop, share, summary
+        self.token = uuid.uuid4().hex[
+            :8
+        ]  # task keys unique to this run, even on a shared scheduler
+        self.processed = dict.fromkeys(
+            ("shards", "rows_in", "rows_out", "rows_rejected", "tokens"), 0
         )
-        duplicates = _duplicates(ex, run, done, pending, job, stop, token) if pending else {}
-        if on_start:
-            on_start(summary, len(pending))
+
+    def plan(self, **kw) -> Plan:
+        cfg = self.job.input
+        plan = extend(self.run, self.files, cfg.text_column, cfg.shard_rows, **kw)
+        for key, why in plan.problems.items():
+            self.summary.failed[f"file {key}"] = why
+        for sid, why in plan.retracted.items():
+            self.summary.notes.append(f"withdrew shard {sid}: {why}")
+        for key, why in plan.dropped.items():
+            self.summary.notes.append(f"file {key}: {why}")
+        return plan
+
+    def go(self, executor_factory, on_shard, on_start, launcher: dict, t0: float) -> RunSummary:
+        run, summary, stop = self.run, self.summary, self.stop
+        stamp = time.strftime("%Y-%m-%dT%H%M%S", time.localtime(t0))
+        entry_path = run.runs_dir / f"{stamp}-{os.getpid()}-{self.token}.json"
+        entry = {
+            "started": t0,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "share": list(self.share),
+            "task": self.job.task.name,
+            **launcher,
+        }
+        atomic_write_json(entry_path, entry)  # a run that dies still leaves its start
+        plan = self.plan()
+        pending = [s for s in plan.shards if not is_complete(run, s.id, self.sha)]
+        mine = [s for s in pending if owns(s.id, self.share)]
+        summary.shards_total = len(plan.shards)
+        summary.shards_skipped = len(plan.shards) - len(pending)
+        entry["shards_pending"] = len(mine)
+        if mine:
+            run.success.unlink(missing_ok=True)
+
+        with executor_factory(self.job.cluster) as ex:
+            summary.dashboard = getattr(ex, "dashboard_link", None)
+            warming = (
+                ex.on_each_worker(warm, f"warm-{self.token}", job=self.job, threads=ex.threads)
+                if mine
+                else []
+            )
+            if on_start:
+                on_start(summary, len(mine))
+            if mine and not stop.level:
+                split = self.run_round(ex, plan, pending, mine, on_shard)
+                if split and not stop.level:
+                    plan = self.replan_split(ex, plan, split, on_shard, on_start)
+            del warming  # loaded or not, the shards are done with
+        summary.interrupted = stop.level > 0
+        self.account(plan)
+        summary.seconds = time.time() - t0
+        entry.update(
+            finished=time.time(),
+            processed=self.processed,
+            failed=summary.failed,
+            notes=summary.notes,
+            interrupted=summary.interrupted,
+            complete=summary.ok,
+            totals=self.totals(),
+        )
+        try:
+            atomic_write_json(entry_path, entry)
+            if summary.ok and self.consistent():
+                atomic_write_bytes(run.success, b"")
+        except OSError as e:
+            raise RunStateError(write_error(e, run)) from None
+        return summary
+
+    def run_round(self, ex, plan: Plan, pending, mine, on_shard) -> dict[str, dict[str, str]]:
+        """Run `mine`, judging duplicates over `pending`; return the failed shards of more than
+        one file that failed for some of their files' sake ({shard id: {key: why}})."""
+        duplicates = self.duplicates(ex, plan, pending)
+        split: dict[str, dict[str, str]] = {}
         for shard, res in ex.map_unordered(
             run_shard,
-            pending,
-            key=lambda s: f"shard-{s.id}-{token}",
-            stop=stop,
-            job=job,
-            fingerprint_sha=fp["sha"],
+            mine,
+            key=lambda s: f"shard-{s.id}-{self.token}",
+            stop=self.stop,
+            job=self.job,
+            fingerprint_sha=self.sha,
             threads=ex.threads,
             per_item={"duplicates": lambda s: duplicates.get(s.id, {})},
         ):
             if isinstance(res, BaseException):
-                if not stop.level:
-                    summary.failed[shard.id] = f"{shard.sources}: {type(res).__name__}: {res}"
+                if not self.stop.level:
+                    self.summary.failed[shard.id] = f"{shard.sources}: {type(res).__name__}: {res}"
                 continue
             if res.error:
-                summary.failed[shard.id] = res.error
+                if res.bad_files and set(shard.keys) - set(res.bad_files):
+                    split[shard.id] = res.bad_files
+                else:
+                    self.summary.failed[shard.id] = res.error
             else:
-                this_run["shards"] += 1
+                self.processed["shards"] += 1
                 for k in ("rows_in", "rows_out", "rows_rejected", "tokens"):
-                    this_run[k] += getattr(res, k)
+                    self.processed[k] += getattr(res, k)
             if on_shard:
-                on_shard(res, summary)
-        del warming  # loaded or not, the shards are done with
-    summary.interrupted = stop.level > 0
+                on_shard(res, self.summary)
+        return split
 
-    _totals(summary, run, shards, fp["sha"])
-    summary.seconds = time.time() - t0
-    history = (run.read_run() or {}).get("runs", [])
-    entry = {
-        "started": t0,
-        "finished": time.time(),
-        "shards_pending": len(pending),
-        "processed": this_run,
-        "failed": summary.failed,
-        "interrupted": summary.interrupted,
-        "share": list(share),
-        **(launcher or {}),
-    }
-    history.append(entry)
-    totals = {
-        "shards": summary.shards_total,
-        "shards_done": summary.shards_done,
-        "rows_in": summary.rows_in,
-        "rows_out": summary.rows_out,
-        "rows_rejected": summary.rows_rejected,
-        "rejected_by_reason": summary.rejected_by_reason,
-        "tokens": summary.tokens,
-    }
-    run.update_run(active=None, runs=history, totals=totals)
-    # A dated summary per run (what a nightly run did), beside the cumulative totals.
-    stamp = time.strftime("%Y-%m-%dT%H%M%S", time.localtime(t0))
-    atomic_write_json(
-        run.summaries_dir / f"{stamp}-{os.getpid()}.json",
-        {**entry, "task": job.task.name, "complete": summary.ok, "totals": totals},
-    )
-    if summary.ok:
-        atomic_write_bytes(run.success, b"")
-    return summary
+    def replan_split(self, ex, plan: Plan, split, on_shard, on_start) -> Plan:
+        """Withdraw shards that failed for some files' sake, pack their other files again and
+        (unless other array tasks are running beside this one) run those at once."""
+        bad = {k: why for b in split.values() for k, why in b.items()}
+        retract = {sid: f"files {', '.join(b)} of it could not be read" for sid, b in split.items()}
+        before = {s.id for s in plan.ledger.live}
+        plan = self.plan(retract=retract, alone=frozenset(bad))
+        for key, why in bad.items():
+            self.summary.failed[f"file {key}"] = why
+        if self.share != (0, 1):  # the others judged duplicates without the new shards: next run
+            return plan
+        fresh = [
+            s
+            for s in plan.shards
+            if s.id not in before
+            and not set(s.keys) <= set(bad)
+            and not is_complete(self.run, s.id, self.sha)
+        ]
+        self.summary.shards_total = len(plan.shards)
+        if fresh:
+            if on_start:
+                on_start(self.summary, len(fresh))
+            again = self.run_round(ex, plan, fresh, fresh, on_shard)
+            for sid, b in again.items():  # a second failure is reported as it is
+                self.summary.failed[sid] = "; ".join(b.values())
+        return plan
 
+    def duplicates(self, ex, plan: Plan, pending: list[Shard]) -> dict:
+        """The corpus-wide duplicate-id pass: ids written anywhere in the folder, then `pending`
+        in plan order. Its reading is fanned out on the executor; any failure fails the run."""
+        ledger = read_ledger(self.run.plan_dir)
+        done = [s for s in ledger.live if is_complete(self.run, s.id, self.sha)]
+        outputs = {str(self.run.output_path(s.id)): s.id for s in done}
+        written = []
+        for path, h in ex.map_unordered(
+            written_hashes,
+            list(outputs),
+            key=lambda p: f"ids-{os.path.basename(p)}-{self.token}",
+            stop=self.stop,
+        ):
+            if isinstance(h, BaseException | str):
+                why = h if isinstance(h, str) else f"{type(h).__name__}: {h}"
+                raise RunStateError(
+                    f"cannot read the ids of {path} ({why}), so duplicates "
+                    "cannot be checked; if the file is damaged, delete it and rerun the same "
+                    "command: its shard is done again"
+                )
+            written.append((outputs[path], h))
+        written.sort()
+        got = {}
+        for shard, h in ex.map_unordered(
+            pending_hashes,
+            pending,
+            key=lambda s: f"ids-{s.id}-{self.token}",
+            stop=self.stop,
+            cfg=self.job.input,
+        ):
+            if isinstance(h, BaseException):
+                raise RunStateError(
+                    f"cannot read the ids of shard {shard.id} ({shard.sources}): "
+                    f"{type(h).__name__}: {h}"
+                )
+            got[shard.id] = h
+        order = {s.id: i for i, s in enumerate(plan.ledger.live)}
+        ordered = sorted(pending, key=lambda s: order.get(s.id, len(order)))
+        return find_duplicates(written, [(s, got.get(s.id)) for s in ordered])
 
-def _duplicates(ex, run: RunDir, done, pending, job: JobConfig, stop: Stop, token: str) -> dict:
-    """The corpus-wide duplicate-id pass, its reading fanned out on the executor."""
-    outputs = [str(run.output_path(s.id)) for s in done]
-    written = [
-        h
-        for _, h in ex.map_unordered(
-            written_hashes, outputs, key=lambda p: f"ids-{os.path.basename(p)}-{token}", stop=stop
-        )
-        if not isinstance(h, BaseException)
-    ]
-    got = dict(
-        ex.map_unordered(
-            pending_hashes, pending, key=lambda s: f"ids-{s.id}-{token}", stop=stop, cfg=job.input
-        )
-    )
-    ordered = [(s, got.get(s)) for s in pending]
-    return find_duplicates(
-        written, [(s, h if not isinstance(h, BaseException) else None) for s, h in ordered]
-    )
+    def account(self, plan: Plan) -> None:
+        """Totals from the records on disk, so they cover earlier (resumed) runs too."""
+        s = self.summary
+        s.shards_total = len(plan.shards)
+        records = self.run.records()
+        for shard in plan.shards:
+            rec = records.get(shard.id)
+            if rec is None or not is_complete(self.run, shard.id, self.sha):
+                continue
+            s.shards_done += 1
+            s.rows_in += rec["rows_in"]
+            s.rows_out += rec["rows_out"]
+            s.rows_rejected += rec["rows_rejected"]
+            s.tokens += rec["tokens"]
+            for reason, n in rec["rejected_by_reason"].items():
+                s.rejected_by_reason[reason] = s.rejected_by_reason.get(reason, 0) + n
 
+    def totals(self) -> dict:
+        s = self.summary
+        return {
+            "shards": s.shards_total,
+            "shards_done": s.shards_done,
+            "rows_in": s.rows_in,
+            "rows_out": s.rows_out,
+            "rows_rejected": s.rows_rejected,
+            "rejected_by_reason": s.rejected_by_reason,
+            "tokens": s.tokens,
+        }
 
-def _totals(summary: RunSummary, run: RunDir, shards, sha: str) -> None:
-    """Totals from the records on disk, so they cover earlier (resumed) runs too."""
-    records = run.records()
-    for s in shards:
-        rec = records.get(s.id)
-        if rec is None or rec.get("fingerprint") != sha:
-            continue
-        summary.shards_done += 1
-        summary.rows_in += rec["rows_in"]
-        summary.rows_out += rec["rows_out"]
-        summary.rows_rejected += rec["rows_rejected"]
-        summary.tokens += rec["tokens"]
-        for reason, n in rec["rejected_by_reason"].items():
-            summary.rejected_by_reason[reason] = summary.rejected_by_reason.get(reason, 0) + n
+    def consistent(self) -> bool:
+        """Before _SUCCESS: nothing withdrawn is left on disk (another array task may have been
+        writing it), and no completed shard judged rows against a withdrawn one."""
+        ledger = read_ledger(self.run.plan_dir)
+        remove_withdrawn(self.run, ledger)
+        for rec in self.run.records().values():
+            if any(d in ledger.retracted for d in rec.get("dup_of", ())):
+                return False  # the next run re-judges it
+        return True

@@ -3,14 +3,18 @@
     out/
       part-<shard>.parquet           results, one file per shard (see plan.py)
       _rejected/part-<shard>.parquet rows that could not be processed, with the reason
-      _manifest/plan/<gen>.json      the shards: which row groups of which files each one reads
-      _manifest/run.json             fingerprint, versions, start/end, totals
+      _manifest/plan/<gen>.json      the shards: which row groups of which files each one reads,
+                                     and which earlier shards are withdrawn (ledger.py)
+      _manifest/run.json             the config fingerprint the folder is bound to (written once)
+      _manifest/runs/<start>-<pid>.json  one file per run of the command: what it did, its totals
       _manifest/shards/<shard>.json  one record per completed shard (written after its output)
       _SUCCESS                       written last, when every shard is complete
 
 Every file is written under a temporary name in its final folder and renamed into place, so a
-reader (or a rerun) sees either nothing or the whole file. A shard's record is written after its
-output; a shard with a record is complete.
+reader (or a rerun) sees either nothing or the whole file; a write that fails (a full disk)
+leaves no temporary behind. A shard's record is written after its output; a shard with a record
+is complete. Each run holds a shared lock on `_manifest/lock` while it runs; `--overwrite` needs it
+exclusively, so it cannot pull a folder from under a running command.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +35,22 @@ import pyarrow.parquet as pq
 from .errors import RunStateError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _tmp(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -46,22 +59,24 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def exclusive_write_json(path: Path, obj: Any) -> None:
     """Create `path` with `obj`, complete, or raise FileExistsError if another writer was first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps(obj, sort_keys=True) + "\n")
+    tmp = _tmp(path)
     try:
+        tmp.write_text(json.dumps(obj, sort_keys=True) + "\n")
         os.link(tmp, path)  # atomic, and fails when the name exists
     finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_parquet(path: Path, table: pa.Table) -> str:
     """Write `table` to `path` atomically; return the file's sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
-    pq.write_table(table, tmp, compression="zstd")
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, path)
+    tmp = _tmp(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return digest
 
 
@@ -86,9 +101,9 @@ class RunDir:
         return self.root / "_SUCCESS"
 
     @property
-    def summaries_dir(self) -> Path:
-        """One dated JSON per run of the command (what that run did), for reports."""
-        return self.manifest / "summaries"
+    def runs_dir(self) -> Path:
+        """One JSON per run of the command (what that run did, its totals), named by its start."""
+        return self.manifest / "runs"
 
     @property
     def plan_dir(self) -> Path:
@@ -107,34 +122,85 @@ class RunDir:
 
     def read_run(self) -> dict | None:
         try:
-            return json.loads(self.run_json.read_text())
+            run = json.loads(self.run_json.read_text())
+            run["fingerprint"]["sha"]
+            return run
         except FileNotFoundError:
             return None
+        except NotADirectoryError:
+            raise RunStateError(
+                f"output {self.root} is a file, not a folder; choose a folder for --output"
+            ) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunStateError(
+                f"{self.run_json} is damaged ({type(e).__name__}: {e}); restore it, or start the "
+                "folder afresh with --overwrite"
+            ) from None
 
     def read_record(self, shard_id: str) -> dict | None:
+        """The shard's completion record; None when there is none or it is damaged (the shard
+        is then done again, which rewrites both its output and its record)."""
         try:
-            return json.loads(self.record_path(shard_id).read_text())
-        except FileNotFoundError:
+            rec = json.loads(self.record_path(shard_id).read_text())
+            return rec if isinstance(rec, dict) and rec.get("shard") == shard_id else None
+        except (FileNotFoundError, ValueError):
             return None
 
     def records(self) -> dict[str, dict]:
-        """Every completion record, by shard id."""
+        """Every readable completion record, by shard id."""
         folder = self.manifest / "shards"
         if not folder.is_dir():
             return {}
         out = {}
         for p in sorted(folder.glob("*.json")):
-            rec = json.loads(p.read_text())
-            out[rec["shard"]] = rec
+            rec = self.read_record(p.stem)
+            if rec is not None:
+                out[p.stem] = rec
         return out
+
+    def run_entries(self) -> list[dict]:
+        """Every run's entry (see pipeline/infer.py), oldest first; damaged ones skipped."""
+        out = []
+        for p in sorted(self.runs_dir.glob("*.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except ValueError:
+                continue
+        return out
+
+    # -- one lock per folder: shared by runs, exclusive to replace the folder ---------------------
+
+    @contextmanager
+    def lock(self, exclusive: bool = False):
+        """Hold the folder's lock (flock: released when the process dies, also by kill -9)."""
+        import fcntl
+
+        self.manifest.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.manifest / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunStateError(
+                    f"another FastServe command is using {self.root} (it holds _manifest/lock); "
+                    "wait for it to end, or stop it, before replacing the folder with --overwrite"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
 
     # -- binding a folder to one config -----------------------------------------------------------
 
     def bind(self, fingerprint: dict, overwrite: bool) -> dict:
         """Bind the folder to `fingerprint` (a dict; its `sha` is the identity), or refuse.
 
-        Returns the run record (new, or the existing one when resuming).
+        Returns the run record (new, or the existing one when resuming). To replace a folder bound
+        to another fingerprint (`overwrite`), no other command may hold its lock.
         """
+        if self.root.exists() and not self.root.is_dir():
+            raise RunStateError(
+                f"output {self.root} is a file, not a folder; choose a folder for --output"
+            )
         existing = self.read_run()
         foreign = (
             [p for p in self.root.iterdir() if not p.name.startswith(("_", "."))]
@@ -159,10 +225,11 @@ class RunDir:
                     f"output folder {self.root} holds a run with another config "
                     f"({'; '.join(diffs)}). Use a new --output folder, or --overwrite to replace it"
                 )
-            self.clear()
+            with self.lock(exclusive=True):
+                self.clear()
             existing = None
         if existing is None:
-            existing = {"fingerprint": fingerprint, "runs": []}
+            existing = {"fingerprint": fingerprint}
             try:  # several processes may start one run folder at once (array tasks): one wins
                 exclusive_write_json(self.run_json, existing)
             except FileExistsError:
@@ -171,14 +238,11 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove what a run writes here (results, temporaries, sidecars, manifest, marker)."""
+        self.success.unlink(missing_ok=True)  # first: a half-cleared folder never looks complete
+        self.run_json.unlink(missing_ok=True)  # then: it is no longer bound to the old config
         for p in [*self.root.glob("*.parquet"), *self.root.glob(".tmp-*")]:
             p.unlink(missing_ok=True)
-        for name in ("_rejected", "_manifest"):
-            shutil.rmtree(self.root / name, ignore_errors=True)
-        self.success.unlink(missing_ok=True)
-
-    def update_run(self, **fields: Any) -> dict:
-        run = self.read_run() or {}
-        run.update(fields)
-        atomic_write_json(self.run_json, run)
-        return run
+        shutil.rmtree(self.root / "_rejected", ignore_errors=True)
+        for p in self.manifest.iterdir() if self.manifest.is_dir() else ():
+            if p.name != "lock":  # held by the clearing command itself
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -1,39 +1,77 @@
-"""Which shards exist: input paths resolved into files, files into pieces, pieces into shards.
+"""Which shards exist: files into pieces, pieces into shards. Pure, but for reading footers.
 
 A piece is a range of row groups of one file; a shard is a run of pieces of about `shard_rows`
 rows: one 50 GB file becomes many shards, a thousand tiny files a few. Planning reads only
 Parquet footers. A file that cannot be planned (not Parquet, no text column, text of the wrong
-type) becomes a shard of its own, which fails alone with the reason and takes no other file down.
+type, a link that leads nowhere) gets a problem instead of pieces: it is reported and planned
+again on the next run, so a fixed file is picked up.
 
-Plans are persisted in the run folder (see manifest.RunDir.plan): a file, once planned, keeps its
-shard for the life of the run folder, so a rerun, an orphaned worker and an array task all mean
-the same rows by the same shard id. New files found by a rerun are planned into new shards.
+Each piece carries its file's identity (size, modification time, a hash of the Parquet footer):
+a file rewritten after it was planned, even at the same size, is told apart (manifest/ledger.py
+plans it again; the reader refuses to read a changed file under an old plan).
+
+The persisted plan (which shards a run folder holds, and which were withdrawn) is the run
+folder's: pipeline/ledger.py.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputError
+_TAIL = 64 << 10  # bytes hashed at the end of a file that has no Parquet footer
+
+
+@dataclass(frozen=True)
+class FileId:
+    """What tells one version of a file from another, read without reading its data."""
+
+    size: int
+    mtime_ns: int
+    footer: str
+    """sha256 (16 hex digits) of the Parquet footer (or of the last 64 KiB of another file)."""
+
+    @classmethod
+    def of(cls, f) -> FileId:
+        """The identity of the open binary file `f` (its position is left at the end)."""
+        st = os.fstat(f.fileno())
+        tail = min(st.st_size, _TAIL)
+        if st.st_size >= 12:
+            f.seek(st.st_size - 8)
+            end = f.read(8)
+            n = int.from_bytes(end[:4], "little")
+            if end[4:] == b"PAR1" and n + 12 <= st.st_size:
+                tail = n + 8
+        f.seek(st.st_size - tail)
+        digest = hashlib.sha256(f.read(tail)).hexdigest()[:16]
+        return cls(st.st_size, st.st_mtime_ns, digest)
+
+    def change(self, now: FileId) -> str | None:
+        """How `now` differs from this (planned) identity, in words; None when it does not."""
+        if now.size != self.size:
+            return f"its size changed ({self.size} -> {now.size} bytes)"
+        if self.footer and now.footer != self.footer:  # (plans of FastServe <= 0.x lack it)
+            return "its content changed (same size, another Parquet footer)"
+        if self.mtime_ns and now.mtime_ns != self.mtime_ns:
+            return "it was rewritten (another modification time)"
+        return None
 
 
 @dataclass(frozen=True)
 class Piece:
     key: str
     """The file's path relative to the input root it was found under (posix)."""
-    row_groups: tuple[int, int] | None
-    """[start, stop) row groups; None: the whole file (one that could not be planned)."""
+    row_groups: tuple[int, int]
+    """[start, stop) row groups."""
     rows: int
-    size: int
-    """File size in bytes when planned: a changed file is refused rather than half-redone."""
-    problem: str | None = None
-    """Why the file could not be planned; the shard holding it fails with this reason."""
+    file: FileId
+    """The file as it was when planned: a changed file is planned again, never mixed."""
+    path: str = ""
+    """Where the file was when planned (read from there when a run does not name it)."""
 
 
 @dataclass(frozen=True)
@@ -52,66 +90,9 @@ class Shard:
     def sources(self) -> str:
         return ", ".join(p.key for p in self.pieces)
 
-
-def _has_magic(p: str) -> bool:
-    return any(c in p for c in "*?[")
-
-
-def _glob_root(pattern: str) -> str:
-    root = []
-    for part in Path(pattern).parts:
-        if _has_magic(part):
-            break
-        root.append(part)
-    return str(Path(*root)) if root else "."
-
-
-def resolve_inputs(paths: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """{key: absolute path} of every Parquet file named by `paths`, sorted by key.
-
-    A folder contributes every `*.parquet` below it (names starting with '_' or '.' are skipped,
-    as pyarrow does); a glob its matches; a file itself. Keys are paths relative to the folder or
-    the glob's fixed prefix (a bare file: its name), so they do not change when files are added.
-    """
-    found: dict[str, str] = {}
-
-    def add(path: str, root: str) -> None:
-        key = Path(os.path.relpath(path, root)).as_posix() if root else Path(path).name
-        absolute = os.path.abspath(path)
-        if key in found and found[key] != absolute:
-            raise InputError(
-                f"input files {found[key]} and {absolute} would share the name {key!r}; "
-                "pass their common parent folder instead of both"
-            )
-        found[key] = absolute
-
-    for spec in paths:
-        if _has_magic(spec):
-            matches = sorted(m for m in glob.glob(spec, recursive=True) if os.path.isfile(m))
-            if not matches:
-                raise InputError(f"input pattern {spec!r} matches no file; check the path")
-            for m in matches:
-                add(m, _glob_root(spec))
-        elif os.path.isdir(spec):
-            files = []
-            for dirpath, dirnames, filenames in os.walk(spec):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(("_", ".")))
-                files += [
-                    os.path.join(dirpath, f)
-                    for f in filenames
-                    if f.endswith(".parquet") and not f.startswith(("_", "."))
-                ]
-            if not files:
-                raise InputError(f"input folder {spec} holds no *.parquet file")
-            for f in files:
-                add(f, spec)
-        elif os.path.isfile(spec):
-            add(spec, "")
-        else:
-            raise InputError(
-                f"input {spec} does not exist; pass a Parquet file, a folder or a glob"
-            )
-    return dict(sorted(found.items()))
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.key for p in self.pieces))
 
 
 def is_string_type(t: pa.DataType) -> bool:
@@ -139,36 +120,45 @@ def text_column_problem(schema: pa.Schema, text_column: str, where: str) -> str 
     return None
 
 
-def file_pieces(key: str, path: str, text_column: str, shard_rows: int) -> list[Piece]:
-    """Split one file into row-group ranges of at most `shard_rows` rows (at least one group)."""
-    size = os.path.getsize(path)
+def file_pieces(
+    key: str, path: str, text_column: str, shard_rows: int
+) -> tuple[list[Piece], str | None]:
+    """Split one file into row-group ranges of at most `shard_rows` rows (at least one group);
+    or no pieces and the reason the file cannot be planned."""
     try:
-        meta = pq.ParquetFile(path).metadata
-        schema = meta.schema.to_arrow_schema()
-    except (pa.ArrowException, OSError) as e:
-        return [Piece(key, None, 0, size, f"input file {path} is not readable Parquet ({e})")]
+        with open(path, "rb") as f:
+            ident = FileId.of(f)  # before the footer is parsed: a later change is caught
+            try:
+                meta = pq.ParquetFile(f).metadata
+                schema = meta.schema.to_arrow_schema()
+            except (pa.ArrowException, OSError, ValueError) as e:
+                return [], f"input file {path} is not readable Parquet ({e})"
+    except OSError as e:
+        return [], f"input file {path} cannot be opened ({e.strerror or e})"
     problem = text_column_problem(schema, text_column, path)
     if problem:
-        return [Piece(key, None, meta.num_rows, size, problem)]
+        return [], problem
     pieces, start, rows = [], 0, 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
         if rows and rows + n > shard_rows:
-            pieces.append(Piece(key, (start, g), rows, size))
+            pieces.append(Piece(key, (start, g), rows, ident, path))
             start, rows = g, 0
         rows += n
-    pieces.append(Piece(key, (start, meta.num_row_groups), rows, size))
-    return pieces
+    pieces.append(Piece(key, (start, meta.num_row_groups), rows, ident, path))
+    return pieces, None
 
 
-def pack(pieces: list[Piece], shard_rows: int, prefix: str) -> list[Shard]:
+def pack(
+    pieces: list[Piece], shard_rows: int, prefix: str, alone: frozenset[str] = frozenset()
+) -> list[Shard]:
     """Consecutive pieces into shards of at most `shard_rows` rows (a bigger piece alone);
-    a piece with a problem always alone. Ids are `<prefix>-<index>`."""
+    a piece of a file in `alone` (one that failed at run time) always alone. Ids `<prefix>-<i>`."""
     groups: list[list[Piece]] = []
     current: list[Piece] = []
     for p in pieces:
         full = current and sum(q.rows for q in current) + p.rows > shard_rows
-        if current and (full or p.problem or current[-1].problem):
+        if current and (full or p.key in alone or current[-1].key in alone):
             groups.append(current)
             current = []
         current.append(p)
@@ -177,74 +167,36 @@ def pack(pieces: list[Piece], shard_rows: int, prefix: str) -> list[Shard]:
     return [Shard(id=f"{prefix}-{i:05d}", pieces=tuple(g)) for i, g in enumerate(groups)]
 
 
-def plan_new(files: dict[str, str], text_column: str, shard_rows: int, prefix: str) -> list[Shard]:
-    """Shards for `files` ({key: path}, none of them planned before)."""
+def plan_files(
+    files: dict[str, str],
+    text_column: str,
+    shard_rows: int,
+    prefix: str,
+    alone: frozenset[str] = frozenset(),
+) -> tuple[list[Shard], dict[str, str]]:
+    """Shards for `files` ({key: path}), and {key: problem} for the files that cannot be planned."""
     pieces: list[Piece] = []
+    problems: dict[str, str] = {}
     for key, path in files.items():
-        pieces += file_pieces(key, path, text_column, shard_rows)
-    return pack(pieces, shard_rows, prefix)
+        got, problem = file_pieces(key, path, text_column, shard_rows)
+        if problem:
+            problems[key] = problem
+        pieces += got
+    return pack(pieces, shard_rows, prefix, alone), problems
 
 
-# -- the persisted plan: _manifest/plan/<generation>.json -------------------------------------
-
-
-def _piece_to_json(p: Piece) -> dict:
+def piece_to_json(p: Piece) -> dict:
     return {
         "key": p.key,
-        "row_groups": p.row_groups,
+        "path": p.path,
+        "row_groups": list(p.row_groups),
         "rows": p.rows,
-        "size": p.size,
-        "problem": p.problem,
+        "size": p.file.size,
+        "mtime_ns": p.file.mtime_ns,
+        "footer": p.file.footer,
     }
 
 
-def _piece_from_json(d: dict) -> Piece:
-    rg = tuple(d["row_groups"]) if d["row_groups"] is not None else None
-    return Piece(d["key"], rg, d["rows"], d["size"], d.get("problem"))  # type: ignore[arg-type]
-
-
-def read_plan(plan_dir: Path, generations: list[Path] | None = None) -> list[Shard]:
-    """Every planned shard of a run folder (or of the given generation files), oldest first."""
-    import json
-
-    shards: list[Shard] = []
-    for p in generations if generations is not None else sorted(plan_dir.glob("[0-9]*.json")):
-        for s in json.loads(p.read_text())["shards"]:
-            shards.append(Shard(s["id"], tuple(_piece_from_json(x) for x in s["pieces"])))
-    return shards
-
-
-def plan_run(
-    plan_dir: Path, files: dict[str, str], text_column: str, shard_rows: int
-) -> list[Shard]:
-    """The run folder's plan, extended with shards for `files` not planned before.
-
-    Each extension is a new generation file created exclusively, so concurrent planners (array
-    tasks starting together) agree: the loser re-reads the winner's plan and plans what is left.
-    Returns the shards touching `files`, with the current path of each piece filled in.
-    """
-    from .manifest import exclusive_write_json
-
-    while True:
-        # One snapshot gives both what is planned and the next generation's number: if another
-        # planner adds that generation meanwhile, our exclusive create fails and we look again.
-        generations = sorted(plan_dir.glob("[0-9]*.json"))
-        shards = read_plan(plan_dir, generations)
-        planned = {p.key for s in shards for p in s.pieces}
-        new = {k: v for k, v in files.items() if k not in planned}
-        if not new:
-            break
-        gen = len(generations)
-        fresh = plan_new(new, text_column, shard_rows, prefix=f"{gen:05d}")
-        doc = {
-            "shards": [{"id": s.id, "pieces": [_piece_to_json(p) for p in s.pieces]} for s in fresh]
-        }
-        try:
-            exclusive_write_json(plan_dir / f"{gen:05d}.json", doc)
-        except FileExistsError:
-            continue
-    return [
-        Shard(s.id, s.pieces, tuple(files.get(p.key, "") for p in s.pieces))
-        for s in shards
-        if any(p.key in files for p in s.pieces)
-    ]
+def piece_from_json(d: dict) -> Piece:
+    ident = FileId(d["size"], d.get("mtime_ns", 0), d.get("footer", ""))
+    return Piece(d["key"], tuple(d["row_groups"]), d["rows"], ident, d.get("path", ""))  # type: ignore[arg-type]

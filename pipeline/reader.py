@@ -1,14 +1,17 @@
 """Reading one shard: the row groups of its pieces, only the needed columns, schema checked first.
 
 A file that cannot be read, lacks a column or has it in the wrong type raises an InputError that
-names the file and column; row-level problems (null or empty text, bad ids) are the runner's, which
-rejects those rows with a reason.
+names the file and column (and carries the file's key, so the run can plan that file alone and
+finish the others); row-level problems (null or empty text, bad ids) are the runner's, which
+rejects those rows with a reason. A file is read only while it is the version that was planned.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +19,7 @@ import pyarrow.parquet as pq
 from . import schemas
 from .config import InputConfig
 from .errors import InputError
-from .plan import Piece, Shard, is_string_type, text_column_problem
+from .plan import FileId, Piece, Shard, is_string_type, text_column_problem
 
 
 @dataclass
@@ -31,25 +34,64 @@ class ShardData:
     """The columns to pass through, in row order."""
     extra: dict[str, list]
     """Columns the task reads besides the text (TaskConfig.input_columns()), as Python lists."""
+    invalid_text: dict[int, str] = field(default_factory=dict)
+    """Rows whose text is not valid UTF-8 (row -> detail); their `texts` entry is None."""
 
 
-def _open(piece: Piece, path: str) -> pq.ParquetFile:
-    if piece.problem:
-        raise InputError(piece.problem)
-    if not path or not os.path.exists(path):
-        raise InputError(
-            f"input file {piece.key} is planned in this run folder but is no longer among the inputs; "
-            "restore it, or run into a new --output folder"
-        )
-    if os.path.getsize(path) != piece.size:
-        raise InputError(
-            f"input file {path} changed since it was planned ({piece.size} -> {os.path.getsize(path)} "
-            "bytes); a run folder never mixes versions of a file: use a new --output folder or --overwrite"
+def _decode(col: pa.ChunkedArray) -> tuple[list[str | None], dict[int, str]]:
+    """A string column as Python strings; rows that are not UTF-8 become None, with a detail."""
+    try:
+        return col.cast(pa.string()).to_pylist(), {}
+    except UnicodeDecodeError:  # rare: decode row by row to keep the good ones
+        texts: list[str | None] = []
+        bad: dict[int, str] = {}
+        for i, b in enumerate(col.cast(pa.binary()).to_pylist()):
+            try:
+                texts.append(None if b is None else b.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                texts.append(None)
+                bad[i] = f"the text is not valid UTF-8 ({e.reason} at byte {e.start})"
+        return texts, bad
+
+
+class PieceError(InputError):
+    """An input file of a shard that cannot be read as planned; `key` names the file."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@contextmanager
+def _open(piece: Piece, path: str) -> Iterator[pq.ParquetFile]:
+    """The piece's file, opened once: its identity and its data come from the same open file."""
+    if not path or not os.path.lexists(path):
+        raise PieceError(
+            piece.key,
+            f"input file {piece.key} is planned in this run folder but is not at {path or 'any path'} "
+            "and not among the inputs; restore it (or name it with --input) and rerun",
         )
     try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"input file {path} is not readable Parquet ({e})") from None
+        fh = open(path, "rb")  # noqa: SIM115 - closed below, after pyarrow is done with it
+    except OSError as e:
+        raise PieceError(
+            piece.key, f"input file {path} cannot be opened ({e.strerror or e})"
+        ) from None
+    with fh:
+        why = piece.file.change(FileId.of(fh))
+        if why:
+            raise PieceError(
+                piece.key,
+                f"input file {path} changed since it was planned: {why}; rerun the same command "
+                "(a rerun plans the new version and withdraws the old one's rows)",
+            )
+        try:
+            pf = pq.ParquetFile(fh)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise PieceError(
+                piece.key, f"input file {path} is not readable Parquet ({e})"
+            ) from None
+        yield pf
 
 
 def _id_column(schema: pa.Schema, cfg: InputConfig, path: str) -> str | None:
@@ -73,67 +115,102 @@ def _id_column(schema: pa.Schema, cfg: InputConfig, path: str) -> str | None:
 
 def read_ids(piece: Piece, path: str, cfg: InputConfig) -> list[str | None] | None:
     """The ids of a piece's rows, or None when its file has no id column (ids are generated)."""
-    f = _open(piece, path)
-    id_col = _id_column(f.schema_arrow, cfg, path)
-    if id_col is None:
-        return None
-    return (
-        f.read_row_groups(range(*piece.row_groups), columns=[id_col])
-        .column(0)
-        .cast(pa.string())
-        .to_pylist()
-    )
+    with _open(piece, path) as f:
+        id_col = _id_column(f.schema_arrow, cfg, path)
+        if id_col is None:
+            return None
+        try:
+            ids = f.read_row_groups(range(*piece.row_groups), columns=[id_col]).column(0)
+            return ids.cast(pa.string()).to_pylist()
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise PieceError(piece.key, f"input file {path} could not be read ({e})") from None
+
+
+class ShardReadError(InputError):
+    """Some files of a shard could not be read; `bad` is {file key: why} for each of them."""
+
+    def __init__(self, bad: dict[str, str]):
+        super().__init__("; ".join(bad.values()))
+        self.bad = bad
 
 
 def read_shard(shard: Shard, cfg: InputConfig, task_columns: tuple[str, ...] = ()) -> ShardData:
-    """The rows of `shard`: text, ids, kept columns and the columns the task needs."""
-    texts: list = []
-    ids: list = []
-    source_file: list[str] = []
-    row_number: list[int] = []
-    keeps: list[pa.Table] = []
-    extra: dict[str, list] = {c: [] for c in task_columns}
+    """The rows of `shard`: text, ids, kept columns and the columns the task needs.
+
+    Every piece is tried, so one ShardReadError names every file of the shard that failed."""
+    parts: list[ShardData] = []
+    bad: dict[str, str] = {}
     for piece, path in zip(shard.pieces, shard.paths, strict=True):
-        f = _open(piece, path)
-        schema = f.schema_arrow
-        problem = text_column_problem(schema, cfg.text_column, path)
-        if problem:
-            raise InputError(problem)
-        id_col = _id_column(schema, cfg, path)
-        missing = [c for c in cfg.keep_columns if c not in schema.names]
-        if missing:
-            raise InputError(
-                f"input file {path} lacks the kept column(s) {', '.join(missing)} "
-                f"(columns: {', '.join(schema.names)}); fix --keep-column"
-            )
-        lacking = [c for c in task_columns if c not in schema.names]
-        if lacking:
-            raise InputError(
-                f"input file {path} lacks the column(s) {', '.join(lacking)} that the task's options "
-                f"name (task.max_new_tokens_column / task.target_lang_column); columns: {', '.join(schema.names)}"
-            )
-        start, stop = piece.row_groups  # type: ignore[misc]
-        first_row = sum(f.metadata.row_group(g).num_rows for g in range(start))
-        wanted = [cfg.text_column, *([id_col] if id_col else []), *cfg.keep_columns, *task_columns]
-        columns = list(dict.fromkeys(wanted))
         try:
-            table = f.read_row_groups(range(start, stop), columns=columns)
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(f"input file {path} could not be read ({e})") from None
-        n = table.num_rows
-        rows = range(first_row, first_row + n)
-        texts += table.column(cfg.text_column).cast(pa.string()).to_pylist()
-        if id_col is None:
-            ids += [f"{piece.key}:{r}" for r in rows]
-        else:
-            ids += table.column(id_col).cast(pa.string()).to_pylist()
-        source_file += [piece.key] * n
-        row_number += rows
-        keeps.append(table.select(list(cfg.keep_columns)))
-        for c in task_columns:
-            extra[c] += table.column(c).to_pylist()
+            with _open(piece, path) as f:
+                parts.append(_read_piece(f, piece, path, cfg, task_columns))
+        except PieceError as e:
+            bad.setdefault(e.key, str(e))
+        except InputError as e:
+            bad.setdefault(piece.key, str(e))
+    if bad:
+        raise ShardReadError(bad)
     try:
+        keeps = [p.keep for p in parts]
         keep = pa.concat_tables(keeps, promote_options="permissive") if keeps else pa.table({})
     except pa.ArrowException as e:
         raise InputError(f"kept columns differ in type between {shard.sources}: {e}") from None
-    return ShardData(texts, ids, source_file, row_number, keep, extra)
+    offsets = [sum(len(q.texts) for q in parts[:k]) for k in range(len(parts))]
+    return ShardData(
+        invalid_text={
+            o + i: d for o, p in zip(offsets, parts, strict=True) for i, d in p.invalid_text.items()
+        },
+        texts=[t for p in parts for t in p.texts],
+        ids=[i for p in parts for i in p.ids],
+        source_file=[k for p in parts for k in p.source_file],
+        row_number=[r for p in parts for r in p.row_number],
+        keep=keep,
+        extra={c: [v for p in parts for v in p.extra[c]] for c in task_columns},
+    )
+
+
+def _read_piece(
+    f: pq.ParquetFile, piece: Piece, path: str, cfg: InputConfig, task_columns: tuple[str, ...]
+) -> ShardData:
+    schema = f.schema_arrow
+    problem = text_column_problem(schema, cfg.text_column, path)
+    if problem:
+        raise InputError(problem)
+    id_col = _id_column(schema, cfg, path)
+    missing = [c for c in cfg.keep_columns if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"input file {path} lacks the kept column(s) {', '.join(missing)} "
+            f"(columns: {', '.join(schema.names)}); fix --keep-column"
+        )
+    lacking = [c for c in task_columns if c not in schema.names]
+    if lacking:
+        raise InputError(
+            f"input file {path} lacks the column(s) {', '.join(lacking)} that the task's options "
+            f"name (task.max_new_tokens_column / task.target_lang_column); columns: {', '.join(schema.names)}"
+        )
+    start, stop = piece.row_groups
+    first_row = sum(f.metadata.row_group(g).num_rows for g in range(start))
+    wanted = [cfg.text_column, *([id_col] if id_col else []), *cfg.keep_columns, *task_columns]
+    columns = list(dict.fromkeys(wanted))
+    try:
+        table = f.read_row_groups(range(start, stop), columns=columns)
+        texts, invalid = _decode(table.column(cfg.text_column))
+        if id_col is None:
+            ids = [f"{piece.key}:{r}" for r in range(first_row, first_row + table.num_rows)]
+        else:
+            ids = table.column(id_col).cast(pa.string()).to_pylist()
+        extra = {c: table.column(c).to_pylist() for c in task_columns}
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        # a corrupt page, or bytes that are not UTF-8 in a string column
+        raise InputError(f"input file {path} could not be read ({type(e).__name__}: {e})") from None
+    n = table.num_rows
+    return ShardData(
+        texts=texts,
+        ids=ids,
+        source_file=[piece.key] * n,
+        row_number=list(range(first_row, first_row + n)),
+        keep=table.select(list(cfg.keep_columns)),
+        extra=extra,
+        invalid_text=invalid,
+    )

@@ -21,7 +21,7 @@ from .config import JobConfig
 from .errors import UserError
 from .manifest import RunDir, atomic_write_json, atomic_write_parquet
 from .plan import Shard
-from .reader import ShardData, read_shard
+from .reader import ShardData, ShardReadError, read_shard
 from .tasks import TaskOutput, get_task
 
 
@@ -37,6 +37,8 @@ class ShardResult:
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     """Set when the shard as a whole could not be processed (e.g. an unreadable file)."""
+    bad_files: dict[str, str] = field(default_factory=dict)
+    """With `error`: the shard's files that could not be read (key -> why); the others are fine."""
     skipped: bool = False
     """True when the shard was already complete and nothing was done."""
 
@@ -71,7 +73,10 @@ def warm(job: JobConfig, threads: int = 0) -> float:
 
 
 def _validate_rows(
-    ids: list[str | None], texts: list[str | None], duplicates: dict[int, str]
+    ids: list[str | None],
+    texts: list[str | None],
+    duplicates: dict[int, tuple[str, str]],
+    invalid_text: dict[int, str] | None = None,
 ) -> tuple[list[int], list[tuple[int, str, str]]]:
     """Rows a task can take, and (row, reason, detail) for the rest, in row order.
 
@@ -84,9 +89,11 @@ def _validate_rows(
         if rid is None:
             bad.append((i, "null_id", "the id column is null"))
         elif i in duplicates:
-            bad.append((i, "duplicate_id", duplicates[i]))
+            bad.append((i, "duplicate_id", duplicates[i][0]))
         elif rid in seen:
             bad.append((i, "duplicate_id", "the same id is earlier in this shard"))
+        elif invalid_text and i in invalid_text:
+            bad.append((i, "invalid_text", invalid_text[i]))
         elif text is None:
             bad.append((i, "null_text", "the text column is null"))
         elif not text.strip():
@@ -117,28 +124,33 @@ def run_shard(
     job: JobConfig,
     fingerprint_sha: str,
     threads: int = 0,
-    duplicates: dict[int, str] | None = None,
+    duplicates: dict[int, tuple[str, str]] | None = None,
 ) -> ShardResult:
     """Process `shard` into the run folder of `job`; return its counts and timings.
 
-    `duplicates`: rows (by position in the shard) whose id appeared earlier in the corpus.
+    `duplicates`: rows (by position in the shard) whose id appeared earlier in the corpus, with
+    the detail and the shard holding the first occurrence.
 
-    A user-facing problem with the shard's file (InputError and kin) is returned as
-    `ShardResult.error` so the run can finish the other shards; anything else propagates.
+    A user-facing problem (an unreadable file, a full disk) is returned as `ShardResult.error`
+    so the run can finish the other shards; anything else propagates.
     """
     run = RunDir.at(job.output.path)
-    done = run.read_record(shard.id)
-    if done is not None and done.get("fingerprint") == fingerprint_sha:
+    if is_complete(run, shard.id, fingerprint_sha):
+        done = run.read_record(shard.id)
         return ShardResult(shard=shard.id, source=shard.sources, skipped=True, **_counts(done))
     result = ShardResult(shard=shard.id, source=shard.sources)
     started = time.time()
     t0 = time.perf_counter()
     try:
         data = read_shard(shard, job.input, job.task.input_columns())
+    except ShardReadError as e:
+        result.error, result.bad_files = str(e), e.bad
+        return result
     except UserError as e:
         result.error = str(e)
         return result
-    good, bad = _validate_rows(data.ids, data.texts, duplicates or {})
+    duplicates = duplicates or {}
+    good, bad = _validate_rows(data.ids, data.texts, duplicates, data.invalid_text)
     t1 = time.perf_counter()
 
     with _model_lock:
@@ -171,9 +183,22 @@ def run_shard(
         taken = data.keep.take(pa.array(kept, type=pa.int64()))
         for name in taken.column_names:
             table = table.append_column(taken.schema.field(name), taken.column(name))
-    if bad:
-        atomic_write_parquet(run.rejected_path(shard.id), _rejected_table(data, bad))
-    checksum = atomic_write_parquet(run.output_path(shard.id), table)
+    bound = (run.read_run() or {}).get("fingerprint", {}).get("sha")
+    if bound != fingerprint_sha:  # the folder was replaced (--overwrite) under this run
+        result.error = (
+            f"shard {shard.id}: the run folder {run.root} is no longer bound to this run's config "
+            f"(it was replaced by another run); nothing was written for it"
+        )
+        return result
+    try:
+        if bad:
+            atomic_write_parquet(run.rejected_path(shard.id), _rejected_table(data, bad))
+        else:  # an earlier attempt's rejected rows (another decision) must not stay
+            run.rejected_path(shard.id).unlink(missing_ok=True)
+        checksum = atomic_write_parquet(run.output_path(shard.id), table)
+    except OSError as e:
+        result.error = write_error(e, run)
+        return result
     t3 = time.perf_counter()
 
     result.rows_in = len(data.texts)
@@ -192,8 +217,12 @@ def run_shard(
         raise AssertionError(
             f"shard {shard.id}: {result.rows_in} in != {result.rows_out} + {result.rows_rejected}"
         )
+    dup_of = sorted(
+        {duplicates[i][1] for i, reason, _ in bad if reason == "duplicate_id" and i in duplicates}
+    )
     record = {
         **asdict(result),
+        "dup_of": dup_of,
         "fingerprint": fingerprint_sha,
         "output": run.output_path(shard.id).name,
         "sha256": checksum,
@@ -201,8 +230,28 @@ def run_shard(
         "finished": time.time(),
         "worker": f"{socket.gethostname()}:{os.getpid()}",
     }
-    atomic_write_json(run.record_path(shard.id), record)
+    try:
+        atomic_write_json(run.record_path(shard.id), record)
+    except OSError as e:
+        result.error = write_error(e, run)
     return result
+
+
+def is_complete(run: RunDir, shard_id: str, fingerprint_sha: str) -> bool:
+    """A record of this config, and the output it records (a deleted output is done again)."""
+    rec = run.read_record(shard_id)
+    return (
+        rec is not None
+        and rec.get("fingerprint") == fingerprint_sha
+        and run.output_path(shard_id).exists()
+    )
+
+
+def write_error(e: OSError, run: RunDir) -> str:
+    """A failed write to the run folder, in words that say what to do."""
+    where = e.filename or run.root
+    what = e.strerror or str(e)
+    return f"cannot write {where}: {what}; free space or fix permissions there, then rerun the same command (completed shards are kept)"
 
 
 def _counts(record: dict) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# FastServe's own state (model hash cache, schedules) stays out of the tester's home
+os.environ.setdefault("FASTSERVE_HOME", tempfile.mkdtemp(prefix="fastserve-home-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import build_classifier, sample_texts  # noqa: E402

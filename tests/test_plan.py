@@ -7,7 +7,19 @@ import pytest
 
 from pipeline.batching import length_sorted_batches
 from pipeline.errors import InputError
-from pipeline.plan import file_pieces, pack, plan_run, read_plan, resolve_inputs
+from pipeline.inputs import resolve_inputs
+from pipeline.ledger import extend, read_ledger
+from pipeline.manifest import RunDir
+from pipeline.plan import file_pieces, pack, plan_files
+
+
+def plan_run(plan_dir, files, text_column, shard_rows):
+    """The live shards for `files` after planning (the ledger of the run folder above plan_dir)."""
+    return extend(RunDir(plan_dir.parent.parent), files, text_column, shard_rows).shards
+
+
+def read_plan(plan_dir):
+    return read_ledger(plan_dir).live
 
 
 def touch(p):
@@ -55,30 +67,34 @@ def test_name_clash_between_inputs(tmp_path):
 
 def test_a_big_file_is_split_by_row_groups(tmp_path):
     f = corpus_file(tmp_path / "big.parquet", rows=1000, row_group_size=100)
-    pieces = file_pieces("big.parquet", str(f), "text", shard_rows=250)
+    pieces, problem = file_pieces("big.parquet", str(f), "text", shard_rows=250)
+    assert problem is None
     assert [p.row_groups for p in pieces] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     assert sum(p.rows for p in pieces) == 1000
     shards = pack(pieces, 250, "00000")
     assert len(shards) == 5 and all(s.rows == 200 for s in shards)
 
 
-def test_small_files_are_packed_and_bad_files_stand_alone(tmp_path):
-    pieces = []
+def test_small_files_are_packed_and_bad_files_are_problems_not_pieces(tmp_path):
+    files = {}
     for i in range(10):
         f = corpus_file(tmp_path / f"s{i}.parquet", rows=30, row_group_size=30)
-        pieces += file_pieces(f.name, str(f), "text", shard_rows=100)
+        files[f.name] = str(f)
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet")
     wrong = corpus_file(tmp_path / "wrong.parquet", rows=5, row_group_size=5, text_type=pa.int64())
-    pieces[3:3] = file_pieces("bad.parquet", str(bad), "text", 100)
-    pieces[7:7] = file_pieces("wrong.parquet", str(wrong), "text", 100)
-    assert "not readable Parquet" in pieces[3].problem and "is int64" in pieces[7].problem
-    shards = pack(pieces, 100, "00000")
+    files.update({"bad.parquet": str(bad), "wrong.parquet": str(wrong)})
+    shards, problems = plan_files(dict(sorted(files.items())), "text", 100, "00000")
+    assert "not readable Parquet" in problems["bad.parquet"]
+    assert "is int64" in problems["wrong.parquet"]
     for s in shards:
         assert s.rows <= 100
-        assert len(s.pieces) == 1 or not any(p.problem for p in s.pieces)
-    assert len(shards) < len(pieces)
-    assert [p.key for s in shards for p in s.pieces] == [p.key for p in pieces]
+    assert len(shards) < 10
+    assert sorted(p.key for s in shards for p in s.pieces) == [f"s{i}.parquet" for i in range(10)]
+    # a file that failed at run time is packed alone when its shard is planned again
+    pieces = [p for s in shards for p in s.pieces]
+    alone = pack(pieces, 100, "00001", alone=frozenset({"s4.parquet"}))
+    assert [s.keys for s in alone if "s4.parquet" in s.keys] == [("s4.parquet",)]
 
 
 def test_plan_is_persisted_and_extended_for_new_files(tmp_path):

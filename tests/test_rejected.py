@@ -73,7 +73,7 @@ def test_every_bad_row_kind_is_accounted_for(tmp_path, classifier):
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "2 shard(s) failed" in proc.stderr
+    assert "2 input file(s) and 0 shard(s) failed" in proc.stderr
     assert "csv.parquet is not readable Parquet" in proc.stderr
     assert "truncated.parquet is not readable Parquet" in proc.stderr
     assert not (out / "_SUCCESS").exists()
@@ -95,7 +95,8 @@ def test_every_bad_row_kind_is_accounted_for(tmp_path, classifier):
     for r in records:
         assert r["rows_in"] == r["rows_out"] + r["rows_rejected"]
         assert pq.read_metadata(out / r["output"]).num_rows == r["rows_out"]
-    totals = json.loads((out / "_manifest" / "run.json").read_text())["totals"]
+    (entry,) = [json.loads(p.read_text()) for p in (out / "_manifest" / "runs").glob("*.json")]
+    totals = entry["totals"]
     assert totals["rows_in"] == n_in and totals["rows_out"] == written.num_rows
     assert totals["rejected_by_reason"] == {
         "null_text": 2,

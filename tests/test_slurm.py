@@ -169,8 +169,8 @@ def test_array_job_writes_every_row_once(tmp_path, classifier, slurm_cluster):
     ids = out.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 80
     assert (tmp_path / "out" / "_SUCCESS").exists()
-    run = json.loads((tmp_path / "out" / "_manifest" / "run.json").read_text())
-    assert sorted(tuple(r["share"]) for r in run["runs"]) == [(0, 2), (1, 2)]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_manifest" / "runs").glob("*")]
+    assert sorted(tuple(r["share"]) for r in runs) == [(0, 2), (1, 2)]
 
 
 @pytest.fixture
@@ -224,7 +224,7 @@ def test_time_limit_warning_drains_requeues_and_the_rerun_resumes(slow_job):
     logs = "".join(p.read_text() for p in slow_job.parent.glob("slurm-*.out"))
     assert "requeueing job" in logs and "finishing running shards" in logs
     assert_equals_an_uninterrupted_run(slow_job)
-    runs = json.loads((slow_job.parent / "out" / "_manifest" / "run.json").read_text())["runs"]
+    runs = list((slow_job.parent / "out" / "_manifest" / "runs").glob("*.json"))
     assert len(runs) >= 2  # the requeued job resumed the same run folder
 
 
@@ -248,15 +248,19 @@ def test_a_schedule_runs_again_and_the_next_run_takes_only_new_files(
     proc = run_cli("schedule", tmp_path / "job.toml", "--every", "30s", env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "schedule job: job" in proc.stdout
-    summaries = tmp_path / "out" / "_manifest" / "summaries"
+    runs = tmp_path / "out" / "_manifest" / "runs"
+
+    def finished() -> list[dict]:
+        entries = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+        return [e for e in entries if "finished" in e]
 
     def wait_for_summaries(n: int) -> list[dict]:
         deadline = time.monotonic() + 150
-        while len(list(summaries.glob("*.json"))) < n:
+        while len(finished()) < n:
             logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
             assert time.monotonic() < deadline, f"no run {n} of the schedule:\n{logs}"
             time.sleep(0.5)
-        return [json.loads(p.read_text()) for p in sorted(summaries.glob("*.json"))]
+        return finished()
 
     first = wait_for_summaries(1)[0]
     assert first["processed"]["shards"] == 2 and first["processed"]["rows_out"] == 40

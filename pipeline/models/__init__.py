@@ -5,7 +5,16 @@ from __future__ import annotations
 from functools import cache
 
 from ..errors import ModelError
-from .hf import KIND_NAMES, LoadedModel, check_checkpoint, load_hf, resolve_device, resolve_dtype
+from .hf import (
+    KIND_NAMES,
+    LoadedModel,
+    check_checkpoint,
+    check_tokenizer,
+    check_weights,
+    load_hf,
+    resolve_device,
+    resolve_dtype,
+)
 
 # FastServe checkpoint archs by the kind of model they are.
 _FASTSERVE_KINDS = {
@@ -25,6 +34,8 @@ def check_model_folder(path: str, kind: str) -> None:
             raise ModelError(
                 f"model folder {path} holds a FastServe {arch} checkpoint; the task needs {KIND_NAMES[kind]}"
             )
+        check_tokenizer(path)
+        check_weights(path)
         return
     check_checkpoint(path, kind)
 

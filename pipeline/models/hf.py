@@ -100,7 +100,74 @@ def check_checkpoint(path: str, kind: str) -> dict:
             f"model folder {path} holds {', '.join(archs) or 'an unnamed architecture'}; "
             f"the task needs {KIND_NAMES[kind]}"
         )
+    check_tokenizer(path)
+    check_weights(path)
     return config
+
+
+# Files a tokenizer is loaded from: a folder with none of them would get a vocabulary of special
+# tokens only (every word [UNK]) from transformers, and wrong results without an error.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "source.spm",
+    "tokenizer.model",
+)
+
+
+def check_tokenizer(path: str) -> None:
+    """The folder holds a tokenizer, and its tokenizer.json (if any) loads."""
+    folder = Path(path)
+    present = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if not present:
+        raise ModelError(
+            f"model folder {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+            "copy them from the checkpoint the model came from (save_pretrained writes them)"
+        )
+    if "tokenizer.json" in present:
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - whatever the parser says, the file is unusable
+            raise ModelError(
+                f"{folder / 'tokenizer.json'} does not load ({e}); re-export the tokenizer"
+            ) from None
+
+
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes), without its data."""
+    import json as _json
+
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            size = os.fstat(f.fileno()).st_size
+            if not 2 <= n <= min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            return _json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"weights file {file} is not readable safetensors ({e}); re-export or re-download it"
+        ) from None
+
+
+def check_weights(path: str) -> None:
+    """The folder's safetensors weights exist and their headers parse (never a pickle)."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        raise ModelError(
+            f"model folder {path} has no *.safetensors weights"
+            + (f" ({', '.join(other)} are pickles, which are never loaded)" if other else "")
+            + "; save the model with save_pretrained(safe_serialization=True)"
+        )
+    for f in files:
+        safetensors_header(f)
 
 
 @cache

@@ -76,14 +76,20 @@ class GenerateTask:
         prompts = tok(texts, add_special_tokens=True)["input_ids"]
         truncated = [False] * len(texts)
         for i, p in enumerate(prompts):
-            room = cfg.max_length or self.context - limits[i]
+            # the prompt's room: what max_length allows, and what the context leaves after the
+            # new tokens (both bind: prompt + new tokens must fit the model's positions)
+            room = self.context - limits[i]
+            if cfg.max_length:
+                room = min(room, cfg.max_length)
             if len(p) > room and i not in bad:
                 if cfg.on_long == "reject" or room <= 0:
                     rejected.append(
                         (
                             i,
                             "too_long",
-                            f"prompt of {len(p)} tokens leaves no room for {limits[i]} new ones in {self.context}",
+                            f"prompt of {len(p)} tokens is over its room of {room} "
+                            f"(context {self.context} - {limits[i]} new tokens"
+                            + (f", max_length {cfg.max_length})" if cfg.max_length else ")"),
                         )
                     )
                     bad.add(i)

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..plan import is_string_type, resolve_inputs
+from ..inputs import resolve_inputs
+from ..plan import is_string_type
 
 SPECIALS = ["<pad>", "<|endoftext|>"]
 

@@ -1,0 +1,51 @@
+"""What is checked on the client before any worker starts: the model folder can serve the task
+(tokenizer present and loadable, weights readable), kept columns do not clash with the task's
+output, and the run folder is not inside its own input. Each failure is one clear UserError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import JobConfig
+from .errors import ConfigError, InputError
+
+
+def check_job(job: JobConfig) -> None:
+    """Everything about `job` that can be checked without its input files."""
+    from .tasks import check_model, output_schema
+
+    check_model(job.model, job.task)
+    names = output_schema(job.task.name).arrow.names
+    clash = [c for c in job.input.keep_columns if c in names]
+    if clash:
+        raise ConfigError(
+            f"input.keep_columns: {', '.join(map(repr, clash))} is also an output column of task "
+            f"{job.task.name} ({', '.join(names)}); the output cannot hold two columns of one name: "
+            "leave it out of --keep-column, or rename it in the input"
+        )
+    if len(set(job.input.keep_columns)) != len(job.input.keep_columns):
+        raise ConfigError(
+            f"input.keep_columns names a column twice ({', '.join(job.input.keep_columns)})"
+        )
+
+
+def check_output_place(job: JobConfig, files: dict[str, str]) -> None:
+    """Refuse a run folder that its own inputs would read (now or on the next run)."""
+    from .inputs import walked_by
+
+    out = os.path.realpath(job.output.path)
+    spec = walked_by(job.output.path, job.input.paths)
+    if spec is not None:
+        raise InputError(
+            f"output folder {job.output.path} lies inside input {spec}: the next run would read "
+            "its own results as input; choose an --output outside the input folders"
+        )
+    for path in files.values():
+        real = os.path.realpath(path)
+        if Path(out) in Path(real).parents:
+            raise InputError(
+                f"input file {path} lies inside the output folder {job.output.path}: a run must "
+                "not read results as input; move it, or choose another --output"
+            )
