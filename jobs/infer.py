@@ -99,7 +99,7 @@ def _overrides(**flags) -> dict:
 @click.option(
     "--executor",
     type=click.Choice(EXECUTORS),
-    help="local (a LocalCluster), slurm (SLURMRunner inside an srun step) or mpi (dask-mpi) [local].",
+    help="local (a LocalCluster), slurm (SLURMRunner inside an srun step), mpi (dask-mpi) or serial (no Dask: this process, one shard at a time) [local].",
 )
 @click.option(
     "--overwrite", is_flag=True, default=None, help="Replace a run made with another config."

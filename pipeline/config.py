@@ -30,7 +30,7 @@ POOLING = ("auto", "mean", "cls", "max")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_LONG = ("truncate", "reject")
-EXECUTORS = ("local", "slurm", "mpi")
+EXECUTORS = ("local", "slurm", "mpi", "serial")
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,8 @@ class ClusterConfig:
     """local: a LocalCluster started here (or scheduler_address). slurm: Dask started inside a
     Slurm job step by dask-jobqueue's SLURMRunner (`srun -n N fastserve infer ...`; what
     `fastserve submit infer` runs): task 0 the scheduler, task 1 this client, the others
-    workers. mpi: the same roles from dask-mpi over MPI ranks (`mpiexec -n N fastserve infer ...`)."""
+    workers. mpi: the same roles from dask-mpi over MPI ranks (`mpiexec -n N fastserve infer ...`).
+    serial: no Dask at all, every shard in this process in turn (debugging, small runs)."""
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,13 @@ class _Run:
         with executor_factory(self.job.cluster) as ex:
             summary.dashboard = getattr(ex, "dashboard_link", None)
             warming = (
-                ex.on_each_worker(warm, f"warm-{self.token}", job=self.job, threads=ex.threads)
+                ex.on_each_worker(
+                    warm,
+                    f"warm-{self.token}",
+                    job=self.job,
+                    threads=ex.threads,
+                    fingerprint_sha=self.sha,
+                )
                 if mine
                 else []
             )
@@ -192,6 +198,8 @@ class _Run:
             atomic_write_json(entry_path, entry)
             if summary.ok and self.consistent():
                 atomic_write_bytes(run.success, b"")
+            else:  # e.g. a bad file named by this run: the inputs are not all done
+                run.success.unlink(missing_ok=True)
         except OSError as e:
             raise RunStateError(write_error(e, run)) from None
         return summary

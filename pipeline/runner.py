@@ -59,14 +59,14 @@ def _set_threads(threads: int) -> None:
             torch.set_num_threads(threads)
 
 
-def warm(job: JobConfig, threads: int = 0) -> float:
+def warm(job: JobConfig, threads: int = 0, fingerprint_sha: str = "") -> float:
     """Load the job's model in this process ahead of its first shard (the executor runs this on
     each worker while the client plans); returns the seconds it took."""
     t0 = time.perf_counter()
     with _model_lock:
         _set_threads(threads)
         try:
-            get_task(job.model, job.task)
+            get_task(job.model, job.task, fingerprint_sha)
         except Exception:  # the first shard meets the same error and reports it
             return -1.0
     return time.perf_counter() - t0
@@ -157,7 +157,7 @@ def run_shard(
         t_lock = time.perf_counter()
         _set_threads(threads)
         try:
-            task = get_task(job.model, job.task)
+            task = get_task(job.model, job.task, fingerprint_sha)
         except UserError as e:
             result.error = str(e)
             return result

@@ -85,3 +85,8 @@ def test_bad_toml(tmp_path):
     f.write_text("[task\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_job(f)
+
+
+def test_an_empty_stop_string_is_refused():
+    with pytest.raises(ConfigError, match="task.stop holds an empty string"):
+        load_job(None, {**BASE, "task": {"name": "generate", "stop": ["\n\n", ""]}})

