@@ -153,6 +153,7 @@ class _Run:
             **launcher,
         }
         atomic_write_json(entry_path, entry)  # a run that dies still leaves its start
+        run.remove_stale_temporaries()
         plan = self.plan()
         pending = [s for s in plan.shards if not is_complete(run, s.id, self.sha)]
         mine = [s for s in pending if owns(s.id, self.share)]

@@ -236,6 +236,27 @@ class RunDir:
                 return self.bind(fingerprint, overwrite=False)
         return existing
 
+    def remove_stale_temporaries(self, older_than_s: float = 3600) -> int:
+        """Remove temporaries a killed writer left (kill -9 mid-write). Only old ones: a young
+        one may be an array task's write in progress. Returns how many were removed."""
+        import time
+
+        now, n = time.time(), 0
+        for folder in (
+            self.root,
+            self.root / "_rejected",
+            *self.manifest.glob("*/"),
+            self.manifest,
+        ):
+            for p in folder.glob(".tmp-*") if folder.is_dir() else ():
+                try:
+                    if now - p.stat().st_mtime > older_than_s:
+                        p.unlink()
+                        n += 1
+                except FileNotFoundError:
+                    pass
+        return n
+
     def clear(self) -> None:
         """Remove what a run writes here (results, temporaries, sidecars, manifest, marker)."""
         self.success.unlink(missing_ok=True)  # first: a half-cleared folder never looks complete

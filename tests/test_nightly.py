@@ -414,8 +414,12 @@ def test_a_full_disk_fails_cleanly_and_a_rerun_finishes(tmp_path, classifier):
     assert "cannot write" in err and "rerun the same command" in err
     assert not [p for p in out.rglob(".tmp-*")], "temporaries left behind"
     assert list((out / "_manifest" / "runs").glob("*.json")), "the run left no history entry"
+    stale = out / ".tmp-part-x.parquet-dead"  # what a writer killed mid-write leaves
+    stale.write_bytes(b"half")
+    os.utime(stale, (1, 1))
     run_cli(*args, check=True)
     assert_accounted(out, 600)
+    assert not stale.exists()  # an hour old: no writer is still at it
 
 
 # -- 12: a concurrent --overwrite ------------------------------------------------------------------
