@@ -37,15 +37,14 @@ def status(output: str) -> None:
             rejected[reason] = rejected.get(reason, 0) + n
     model_s = sum(r["seconds"].get("model", 0) for r in records.values())
     planned_rows = sum(s.rows for s in ledger.live)
-    runs = run.run_entries()
-    active = [e for e in runs if "finished" not in e]
+    runs = sorted(run.run_entries(), key=lambda e: e.get("started", 0))
     ended = [e for e in runs if "finished" in e]
+    last = runs[-1] if runs else {}
     if run.success.exists():
         state = "complete (_SUCCESS)"
-    elif active:
-        e = active[-1]
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["started"]))
-        state = f"running since {started} (pid {e['pid']} on {e['host']}), or killed then"
+    elif last and "finished" not in last:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["started"]))
+        state = f"running since {started} (pid {last['pid']} on {last['host']}), or killed then"
     elif ended and ended[-1].get("interrupted"):
         state = "incomplete: the last run was interrupted; rerun the same command to finish"
     else:

@@ -40,7 +40,7 @@ class InputConfig:
     text_column: str = "text"
     """The column holding the text the task reads."""
     id_column: str | None = None
-    """The row-key column. Unset: 'id' when the file has one, else '<file>:<row number>'."""
+    """The row-key column. Unset: 'id' when the file has one, else '<real path of the file>:<row>'."""
     keep_columns: tuple[str, ...] = ()
     """Input columns copied into the output, after the task's own columns."""
     shard_rows: int = 100_000

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .checks import check_job, check_output_place
 from .config import JobConfig
 from .dedupe import find_duplicates, pending_hashes, written_hashes
-from .errors import RunStateError, Stopped
+from .errors import ModelError, RunStateError, Stopped
 from .fingerprint import fingerprint
 from .inputs import resolve_inputs
 from .ledger import Plan, extend, read_ledger, remove_withdrawn
@@ -128,6 +128,7 @@ class _Run:
         self.processed = dict.fromkeys(
             ("shards", "rows_in", "rows_out", "rows_rejected", "tokens"), 0
         )
+        self.fatal: str | None = None  # a model that cannot load: the run ends with it
 
     def plan(self, **kw) -> Plan:
         cfg = self.job.input
@@ -183,7 +184,9 @@ class _Run:
                 if split and not stop.level:
                     plan = self.replan_split(ex, plan, split, on_shard, on_start)
             del warming  # loaded or not, the shards are done with
-        summary.interrupted = stop.level > 0
+        summary.interrupted = stop.level > 0 and not self.fatal
+        if self.fatal:
+            summary.failed["model"] = self.fatal
         self.account(plan)
         summary.seconds = time.time() - t0
         entry.update(
@@ -196,13 +199,22 @@ class _Run:
             totals=self.totals(),
         )
         try:
+            whole = summary.ok and self.consistent()
+            if summary.ok and not whole:
+                summary.notes.append(
+                    "this run's inputs are done, but not every shard of the folder is (files "
+                    "no input named this time): no _SUCCESS until a run completes them"
+                )
+            entry["notes"] = summary.notes
             atomic_write_json(entry_path, entry)
-            if summary.ok and self.consistent():
+            if whole:
                 atomic_write_bytes(run.success, b"")
-            else:  # e.g. a bad file named by this run: the inputs are not all done
+            else:  # e.g. a bad file named by this run: the folder is not all done
                 run.success.unlink(missing_ok=True)
         except OSError as e:
             raise RunStateError(write_error(e, run)) from None
+        if self.fatal:
+            raise ModelError(self.fatal)
         return summary
 
     def run_round(self, ex, plan: Plan, pending, mine, on_shard) -> dict[str, dict[str, str]]:
@@ -223,6 +235,10 @@ class _Run:
             if isinstance(res, BaseException):
                 if not self.stop.level:
                     self.summary.failed[shard.id] = f"{shard.sources}: {type(res).__name__}: {res}"
+                continue
+            if res.error and res.fatal:  # the model, not this shard: every shard would fail
+                self.fatal = res.error
+                self.stop.level = 2  # abandon the rest at once
                 continue
             if res.error:
                 if res.bad_files and set(shard.keys) - set(res.bad_files):
@@ -334,10 +350,14 @@ class _Run:
         }
 
     def consistent(self) -> bool:
-        """Before _SUCCESS: nothing withdrawn is left on disk (another array task may have been
-        writing it), and no completed shard judged rows against a withdrawn one."""
+        """Before _SUCCESS: every shard of the folder is complete (not only this run's: a
+        consumer waiting for _SUCCESS reads the whole folder), nothing withdrawn is left on disk
+        (another array task may have been writing it), and no completed shard judged rows
+        against a withdrawn one."""
         ledger = read_ledger(self.run.plan_dir)
         remove_withdrawn(self.run, ledger)
+        if not all(is_complete(self.run, s.id, self.sha) for s in ledger.live):
+            return False
         for rec in self.run.records().values():
             if any(d in ledger.retracted for d in rec.get("dup_of", ())):
                 return False  # the next run re-judges it

@@ -122,22 +122,18 @@ def _glob(pattern: str, should_stop: Callable[[], bool] | None) -> list[str]:
 def resolve_inputs(
     paths: tuple[str, ...] | list[str], should_stop: Callable[[], bool] | None = None
 ) -> dict[str, str]:
-    """{key: absolute path} of every Parquet file named by `paths`, sorted by key.
+    """{key: path} of every Parquet file named by `paths`, sorted by key.
 
-    Keys are paths relative to the folder or the glob's fixed prefix (a bare file: its name), so
-    they do not change when files are added, and name a file in the run folder's plan.
+    A file's key is its real path (links resolved): one key per file, however it is reached
+    (two input roots, a link to a folder), and two files never share one, whatever `--input`
+    names on a given night. The key names the file in the run folder's plan, in `source_file`,
+    and in the ids of files without an id column (`<key>:<row>`).
     """
     found: dict[str, str] = {}
 
-    def add(path: str, root: str) -> None:
-        key = Path(os.path.relpath(path, root)).as_posix() if root else Path(path).name
-        absolute = os.path.abspath(path)
-        if key in found and found[key] != absolute:
-            raise InputError(
-                f"input files {found[key]} and {absolute} would share the name {key!r}; "
-                "pass their common parent folder instead of both"
-            )
-        found[key] = absolute
+    def add(path: str) -> None:
+        key = os.path.realpath(path)
+        found[key] = key
 
     for spec in paths:
         if _has_magic(spec):
@@ -145,7 +141,7 @@ def resolve_inputs(
             if not matches:
                 raise InputError(f"input pattern {spec!r} matches no file; check the path")
             for m in matches:
-                add(m, _glob_root(spec))
+                add(m)
         elif os.path.isdir(spec):
             files = [
                 os.path.join(dirpath, f)
@@ -156,9 +152,9 @@ def resolve_inputs(
             if not files:
                 raise InputError(f"input folder {spec} holds no *.parquet file")
             for f in files:
-                add(f, spec)
+                add(f)
         elif os.path.lexists(spec) and not os.path.isdir(spec):
-            add(spec, "")  # a file, or a link that leads nowhere (planning says so)
+            add(spec)  # a file, or a link that leads nowhere (planning says so)
         else:
             raise InputError(
                 f"input {spec} does not exist; pass a Parquet file, a folder or a glob"
@@ -167,23 +163,25 @@ def resolve_inputs(
 
 
 def walked_by(output: str, paths: tuple[str, ...] | list[str]) -> str | None:
-    """The input (folder or recursive glob) whose walk would reach into `output`, or None.
+    """The input (a folder, or a glob) that could name files inside `output`, or None.
 
     A run folder inside its own input would be read as input by the next run."""
     out = Path(os.path.realpath(output))
     for spec in paths:
         if _has_magic(spec):
-            if "**" not in Path(spec).parts:
-                continue
             root = Path(os.path.realpath(_glob_root(spec)))
-            private = ()
+            if out != root and root not in out.parents:
+                continue
+            # could the pattern match a file somewhere below the output folder?
+            pat = _Pattern(Path(spec).parts[len(Path(_glob_root(spec)).parts) :])
+            states = pat.start()
+            for part in out.relative_to(root).parts:
+                states = pat.step(states, part, True)
+            if states - {len(pat.parts)}:
+                return spec
         elif os.path.isdir(spec):
             root = Path(os.path.realpath(spec))
-            private = ("_", ".")
-        else:
-            continue
-        if out == root or root in out.parents:
-            between = out.relative_to(root).parts
-            if not any(p.startswith(private) for p in between):
-                return spec
+            if out == root or root in out.parents:
+                if not any(p.startswith(("_", ".")) for p in out.relative_to(root).parts):
+                    return spec
     return None

@@ -21,6 +21,7 @@ record are removed; a crash between the two leaves files that the next planning 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -95,6 +96,10 @@ def _current_id(path: str) -> tuple[FileId | None, str]:
         return None, f"input file {path} cannot be opened ({e.strerror or e})"
 
 
+def _done(run: RunDir, shard_id: str, records: dict[str, dict]) -> bool:
+    return shard_id in records and run.output_path(shard_id).exists()
+
+
 def _cascade(retract: dict[str, str], ledger: Ledger, records: dict[str, dict]) -> dict[str, str]:
     """`retract` grown by every completed live shard that judged rows against a withdrawn one."""
     out = dict(retract)
@@ -147,6 +152,10 @@ def extend(
             hit = [k for k in s.keys if k in changed]
             if hit:
                 withdraw.setdefault(s.id, f"input file {hit[0]} changed: {changed[hit[0]]}")
+            elif not _done(run, s.id, records):  # never done, and a file of it is gone: forget
+                gone = [p.key for p in s.pieces if not os.path.lexists(files.get(p.key, p.path))]
+                if gone:
+                    withdraw.setdefault(s.id, f"input file {gone[0]} is gone; it was never done")
         withdraw = _cascade(withdraw, ledger, records)
 
         # What is planned again: pieces of withdrawn shards whose file is as planned (re-packed as
@@ -162,8 +171,8 @@ def extend(
                     kept.append(replace(p, path=path))
                 else:
                     dropped[p.key] = (
-                        f"its rows were withdrawn with shard {sid} ({withdraw[sid]}) and it is no "
-                        f"longer at {p.path} as planned; name it in --input to process it again"
+                        f"left out of the plan with shard {sid} ({withdraw[sid]}): it is no longer "
+                        f"at {path} as planned; name it in --input to process it again"
                     )
         remaining = {p.key for s in ledger.live if s.id not in withdraw for p in s.pieces}
         kept_keys = {p.key for p in kept}

@@ -213,7 +213,9 @@ class RunDir:
                 "(_manifest/run.json); choose an empty or new folder"
             )
         if existing is not None and existing["fingerprint"]["sha"] != fingerprint["sha"]:
-            if not overwrite:
+            # a folder bound to a config that never completed a shard (a typo in a column name,
+            # a broken model) has nothing to protect: the corrected command takes it over
+            if not overwrite and self.holds_results():
                 old = existing["fingerprint"]["fields"]
                 new = fingerprint["fields"]
                 diffs = [
@@ -256,6 +258,12 @@ class RunDir:
                 except FileNotFoundError:
                     pass
         return n
+
+    def holds_results(self) -> bool:
+        """Whether any shard was ever completed here (outputs or records)."""
+        return any(self.root.glob("part-*.parquet")) or any(
+            (self.manifest / "shards").glob("*.json")
+        )
 
     def clear(self) -> None:
         """Remove what a run writes here (results, temporaries, sidecars, manifest, marker)."""

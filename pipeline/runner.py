@@ -37,6 +37,8 @@ class ShardResult:
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     """Set when the shard as a whole could not be processed (e.g. an unreadable file)."""
+    fatal: bool = False
+    """With `error`: the model could not be loaded; every other shard would fail the same way."""
     bad_files: dict[str, str] = field(default_factory=dict)
     """With `error`: the shard's files that could not be read (key -> why); the others are fine."""
     skipped: bool = False
@@ -159,7 +161,7 @@ def run_shard(
         try:
             task = get_task(job.model, job.task, fingerprint_sha)
         except UserError as e:
-            result.error = str(e)
+            result.error, result.fatal = str(e), True
             return result
         t_loaded = time.perf_counter()
         if good:

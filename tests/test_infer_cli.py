@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,7 +65,7 @@ def test_sentiment_over_a_folder_equals_the_reference(tmp_path, classifier):
         assert [g["score"] for g in got] == pytest.approx([r[1] for r in ref], abs=1e-5)
         assert [g["lang"] for g in got] == ["en"] * 40
     records = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
-    assert sorted(r["source"] for r in records) == [f.name for f in files]
+    assert sorted(r["source"] for r in records) == [os.path.realpath(f) for f in files]
     assert all(r["rows_in"] == 40 == r["rows_out"] and r["rows_rejected"] == 0 for r in records)
 
 
@@ -79,7 +80,8 @@ def test_job_file_and_generated_ids(tmp_path, classifier):
     )
     run_cli("infer", "--config", job, check=True)
     result = pq.read_table(tmp_path / "out")
-    assert result.column("id").to_pylist() == ["a.parquet:0", "a.parquet:1", "a.parquet:2"]
+    key = os.path.realpath(corpus / "a.parquet")  # the file's real path: unique in any folder
+    assert result.column("id").to_pylist() == [f"{key}:0", f"{key}:1", f"{key}:2"]
 
 
 def test_integer_ids_are_written_as_strings(tmp_path, classifier):

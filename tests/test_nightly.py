@@ -205,7 +205,7 @@ def test_a_file_rewritten_after_a_complete_run_replaces_its_rows(tmp_path, class
     infer(classifier, out, c, check=True)
     write(c / "a.parquet", ids, b)  # fixed upstream: the same ids, other texts
     proc = infer(classifier, out, c, check=True)
-    assert "input file a.parquet changed" in proc.stderr
+    assert "/a.parquet changed" in proc.stderr
     infer(classifier, ref, c, check=True)
     assert_same_results(out, ref)  # as if the folder had only ever seen b
     assert (out / "_SUCCESS").exists()
@@ -445,3 +445,84 @@ def test_overwrite_is_refused_while_another_run_uses_the_folder(tmp_path):
     assert first.returncode == 0, err
     assert_accounted(out, 120)
     assert (out / "_SUCCESS").exists()
+
+
+# -- found by trying it as a stranger would ------------------------------------------------------
+
+
+def test_day_folders_with_the_same_file_names_are_different_files(tmp_path, classifier):
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    for day in (1, 2):  # every night's files are named part-000.parquet ... in their own folder
+        write_corpus(corpus / f"day-{day}", n_files=2, rows=10, prefix=f"d{day}")
+        proc = infer(classifier, out, corpus / f"day-{day}", check=True)
+        assert "withdrew" not in proc.stderr
+    assert_accounted(out, 40)
+    assert read_sorted(out).num_rows == 40  # night 1 kept
+    again = infer(classifier, out, corpus, check=True)  # the whole corpus: nothing new
+    assert "0 to do" in again.stderr and not (out / "_rejected").exists()
+
+
+def test_one_file_reached_twice_is_done_once(tmp_path, classifier):
+    c, out = tmp_path / "c", tmp_path / "out"
+    (c / "day-1").mkdir(parents=True)
+    pq.write_table(pa.table({"text": sample_texts(10)}), c / "day-1" / "a.parquet")
+    (tmp_path / "link").symlink_to(c)
+    infer(classifier, out, c, c / "day-1", tmp_path / "link", check=True)  # no id column
+    infer(classifier, out, c / "day-1", check=True)
+    assert_accounted(out, 10)
+    assert read_sorted(out).num_rows == 10
+
+
+def test_success_means_the_whole_folder_is_done(tmp_path, classifier):
+    c, out = tmp_path / "c", tmp_path / "out"
+    a = write(c / "a.parquet", [f"a{i}" for i in range(5)], sample_texts(5))
+    b = write(c / "b.parquet", [f"b{i}" for i in range(5)], sample_texts(5, seed=2))
+    corrupt_text_pages(a)
+    assert infer(classifier, out, a).returncode == 1  # a's shard stays pending
+    (out / "_manifest" / "runs" / "0000-killed.json").write_text(
+        '{"started": 1, "pid": 1, "host": "h"}'
+    )
+    proc = infer(classifier, out, b, check=True)  # only b: its inputs are done, the folder is not
+    assert "no _SUCCESS" in proc.stderr and not (out / "_SUCCESS").exists()
+    status = run_cli("status", out, check=True).stdout
+    assert "incomplete" in status and "running" not in status  # the last run, not a dead one
+    write(c / "a.parquet", [f"a{i}" for i in range(5)], sample_texts(5))  # fixed
+    infer(classifier, out, c, check=True)
+    assert (out / "_SUCCESS").exists()
+    assert "complete (_SUCCESS)" in run_cli("status", out, check=True).stdout
+
+
+def test_an_output_a_plain_glob_would_read_is_refused_on_the_first_night(tmp_path, classifier):
+    write_corpus(tmp_path / "data" / "day-1", n_files=1, rows=5)
+    proc = infer(classifier, tmp_path / "data" / "out", f"{tmp_path}/data/*/*.parquet")
+    assert proc.returncode == 2 and "lies inside input" in proc.stderr
+    assert not (tmp_path / "data" / "out").exists()
+
+
+def test_a_config_mistake_found_at_run_time_does_not_hold_the_folder(tmp_path, classifier):
+    c, out = tmp_path / "c", tmp_path / "out"
+    write_corpus(c, n_files=2, rows=5)
+    typo = infer(classifier, out, c, extra=["--keep-column", "lnag"])
+    assert typo.returncode == 1 and "fix --keep-column" in typo.stderr
+    fixed = infer(classifier, out, c, extra=["--keep-column", "lang"])  # no --overwrite needed:
+    assert fixed.returncode == 0, fixed.stderr  # nothing was written under the mistaken config
+    assert_accounted(out, 10)
+
+
+def test_a_model_that_cannot_load_ends_the_run_at_once_with_one_message(tmp_path, classifier):
+    model = tmp_path / "model"
+    shutil.copytree(classifier, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48}))  # weights are 32
+    weights = model / "model.safetensors"
+    write_corpus(tmp_path / "c", n_files=3, rows=5)
+    args = ["--shard-rows", "5"]
+    proc = infer(model, tmp_path / "out", tmp_path / "c", extra=args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot load the checkpoint" in proc.stderr and "input file" not in proc.stderr
+    (model / "config.json").write_text(json.dumps(cfg))
+    shutil.copyfile(classifier / "model.safetensors", weights)
+    infer(model, tmp_path / "out", tmp_path / "c", extra=args, check=True)  # takes the folder over
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated: its header still parses
+    proc = infer(model, tmp_path / "o2", tmp_path / "c")
+    assert proc.returncode == 2 and "not readable safetensors" in proc.stderr

@@ -147,8 +147,12 @@ def safetensors_header(file: Path) -> dict:
             size = os.fstat(f.fileno()).st_size
             if not 2 <= n <= min(size - 8, 100 << 20):
                 raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            return _json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+            header = _json.loads(f.read(n))
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+            if 8 + n + max(ends, default=0) > size:
+                raise ValueError(f"the tensors need {8 + n + max(ends)} bytes; it has {size}")
+            return header
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise ModelError(
             f"weights file {file} is not readable safetensors ({e}); re-export or re-download it"
         ) from None
@@ -199,7 +203,7 @@ def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> 
             output_loading_info=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: shapes that do not fit
         raise ModelError(f"cannot load the checkpoint in {path}: {e}") from None
     if info.get("missing_keys") and kind != "encoder":  # an encoder may drop a head, never gain one
         missing = ", ".join(sorted(info["missing_keys"])[:5])
