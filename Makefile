@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)  ## set up .venv/ with FastServe and its test extras
 
 demo: install  ## the main job on this machine: train, bulk inference, a report (./fastserve-demo)
-	$(PY) -m jobs demo --dir fastserve-demo
+	$(PY) -m fastserve.jobs demo --dir fastserve-demo
 
 lint: install
 	$(PY) -m ruff check .

@@ -106,10 +106,10 @@ def fastserve_run(
 ) -> tuple[float, dict]:
     """`fastserve infer` in this process: LocalCluster, Parquet in and out. Returns (wall s,
     totals over the shard records: rows and model seconds)."""
-    from pipeline.config import load_job
-    from pipeline.executors import dask_executor
-    from pipeline.infer import run_infer
-    from pipeline.manifest import RunDir
+    from fastserve.pipeline.config import load_job
+    from fastserve.pipeline.executors import dask_executor
+    from fastserve.pipeline.infer import run_infer
+    from fastserve.pipeline.manifest import RunDir
 
     cores = len(os.sched_getaffinity(0))
     job = load_job(
@@ -280,8 +280,8 @@ def build_gpt2_small(folder: Path, small: bool) -> Path:
 def bench_generate(tmp: Path, args) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from pipeline.config import ModelConfig, TaskConfig
-    from pipeline.tasks import get_task
+    from fastserve.pipeline.config import ModelConfig, TaskConfig
+    from fastserve.pipeline.tasks import get_task
 
     folder = build_gpt2_small(tmp / "gpt2", small=args.smoke)
     tok = AutoTokenizer.from_pretrained(folder)

@@ -44,7 +44,7 @@ def run(workdir: Path, name: str, ranks: int, size: dict, parallel: dict, steps:
 
         shutil.rmtree(out)
     cfg.write_text(job_text(name, size, parallel, steps))
-    cmd = [sys.executable, "-m", "jobs", "train", "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "fastserve.jobs", "train", "--config", str(cfg)]
     if ranks > 1:
         cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

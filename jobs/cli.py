@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from pipeline import __version__
-from pipeline.errors import UserError
+from fastserve.pipeline import __version__
+from fastserve.pipeline.errors import UserError
 
 
 class FastServeGroup(click.Group):

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 import pyarrow.compute as pc
 
-from pipeline.errors import UserError
+from fastserve.pipeline.errors import UserError
 
 from . import demo_data
 from .report import load_run, write_report
@@ -137,7 +137,7 @@ def demo(folder: str, size: str, workers: int) -> None:
     t_start = time.time()
     root = Path(folder).resolve()
     s = SIZES[size]
-    py = [sys.executable, "-m", "jobs"]
+    py = [sys.executable, "-m", "fastserve.jobs"]
     for sub in ("data", "models", "runs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
 

@@ -12,9 +12,9 @@ import sys
 
 import click
 
-from pipeline.config import DEVICES, DTYPES, EXECUTORS, ON_LONG, TASKS, load_job
-from pipeline.executors import executor_for
-from pipeline.infer import Stop, run_infer
+from fastserve.pipeline.config import DEVICES, DTYPES, EXECUTORS, ON_LONG, TASKS, load_job
+from fastserve.pipeline.executors import executor_for
+from fastserve.pipeline.infer import Stop, run_infer
 
 from .progress import Progress
 
@@ -111,7 +111,7 @@ def infer(config_file, **flags) -> None:
     """
     job = load_job(config_file, _overrides(**flags))
     if job.cluster.executor in ("mpi", "slurm"):
-        from pipeline.executors import start_mpi_roles, start_slurm_roles
+        from fastserve.pipeline.executors import start_mpi_roles, start_slurm_roles
 
         # returns only on the client's task; the scheduler and workers exit when it is done
         (start_mpi_roles if job.cluster.executor == "mpi" else start_slurm_roles)(job.cluster)

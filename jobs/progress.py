@@ -7,8 +7,8 @@ import time
 
 import click
 
-from pipeline.infer import RunSummary
-from pipeline.runner import ShardResult
+from fastserve.pipeline.infer import RunSummary
+from fastserve.pipeline.runner import ShardResult
 
 
 class Progress:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
-from pipeline.manifest import RunDir
+from fastserve.pipeline.errors import UserError
+from fastserve.pipeline.manifest import RunDir
 
 
 @dataclass
@@ -86,7 +86,7 @@ def load_run(path: str | Path) -> InferRun | TrainRun:
             f"{path}: not a FastServe run folder (no _manifest/run.json and no metrics.jsonl); "
             "pass an infer --output folder or a train output.path folder"
         )
-    from pipeline.ledger import read_ledger
+    from fastserve.pipeline.ledger import read_ledger
 
     sha = info["fingerprint"]["sha"]
     live = read_ledger(run.plan_dir).live

@@ -17,8 +17,8 @@ import subprocess
 from dataclasses import dataclass, fields
 from importlib import resources
 
-from pipeline.config import _build
-from pipeline.errors import ConfigError, UserError
+from fastserve.pipeline.config import _build
+from fastserve.pipeline.errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def render(
 ) -> str:
     """The whole sbatch script for `kind` (infer or train): pure, so golden files pin it.
     `after`: shell lines run once the step has ended for good (a scheduled run's next submission)."""
-    template = resources.files("slurm").joinpath(f"{kind}.sbatch").read_text()
+    template = resources.files("fastserve.slurm").joinpath(f"{kind}.sbatch").read_text()
     setup = "\n".join(cfg.setup) if cfg.setup else ":"
     return (
         template.replace("#@DIRECTIVES", "\n".join(directives(kind, cfg)))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import ConfigError, UserError
-from pipeline.manifest import atomic_write_json
+from fastserve.pipeline.errors import ConfigError, UserError
+from fastserve.pipeline.manifest import atomic_write_json
 
 from .sbatch import run_slurm, sbatch
 from .status import slurm_state

@@ -10,9 +10,9 @@ import time
 
 import click
 
-from pipeline.errors import UserError
-from pipeline.ledger import read_ledger
-from pipeline.manifest import RunDir
+from fastserve.pipeline.errors import UserError
+from fastserve.pipeline.ledger import read_ledger
+from fastserve.pipeline.manifest import RunDir
 
 
 @click.command()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import INFER_PATH_KEYS, load_job, read_job_file
-from pipeline.errors import ConfigError
-from pipeline.training.config import PATH_KEYS as TRAIN_PATH_KEYS
-from pipeline.training.config import load_train_job
+from fastserve.pipeline.config import INFER_PATH_KEYS, load_job, read_job_file
+from fastserve.pipeline.errors import ConfigError
+from fastserve.pipeline.training.config import PATH_KEYS as TRAIN_PATH_KEYS
+from fastserve.pipeline.training.config import load_train_job
 
 from .sbatch import render, sbatch, slurm_config
 
@@ -33,7 +33,7 @@ def kind_of(job_file: str) -> str:
 
 def fastserve_command() -> str:
     """How a job script runs FastServe: this interpreter, so the job sees the same install."""
-    return f"{shlex.quote(sys.executable)} -m jobs"
+    return f"{shlex.quote(sys.executable)} -m fastserve.jobs"
 
 
 def prepare(kind: str, job_file: str, dependency: str | None = None, after: str = "") -> str:

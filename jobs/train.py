@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.training.config import load_train_job
+from fastserve.pipeline.training.config import load_train_job
 
 
 def _overrides(data, output, steps) -> dict:
@@ -32,8 +32,8 @@ def _overrides(data, output, steps) -> dict:
 
 def plan_text(job) -> str:
     """The plan: stages, shards and a memory estimate per rank (fp32 weights, grads, AdamW)."""
-    from pipeline.distributed.parallelize import stage_layers
-    from pipeline.training.model_factory import build_model
+    from fastserve.pipeline.distributed.parallelize import stage_layers
+    from fastserve.pipeline.training.model_factory import build_model
 
     p, m = job.parallel, job.model
     model = build_model(m, job.data.vocab_size, job.train.seed)
@@ -57,7 +57,7 @@ def plan_text(job) -> str:
             f"~{mem:.1f} MiB per rank for weights/grads/optimizer (+ activations)"
         )
     if p.pp > 1:
-        from pipeline.training.trainer import bubble_fraction
+        from fastserve.pipeline.training.trainer import bubble_fraction
 
         lines.append(
             f"schedule {p.schedule}, {p.microbatches} micro-batches: bubble {bubble_fraction(p.pp, p.microbatches, p.stages_per_rank):.0%}"
@@ -95,8 +95,8 @@ def train(config_file, data, output, steps, dry_run) -> None:
     if dry_run:
         click.echo(plan_text(job))
         return
-    from pipeline.distributed.bootstrap import bootstrap, shutdown
-    from pipeline.training.trainer import Trainer
+    from fastserve.pipeline.distributed.bootstrap import bootstrap, shutdown
+    from fastserve.pipeline.training.trainer import Trainer
 
     env = bootstrap(timeout_s=job.parallel.timeout_s)
     trainer = Trainer(job, env)

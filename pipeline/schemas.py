@@ -61,7 +61,7 @@ class TableSchema:
 @cache
 def load(name: str, version: int = 1) -> TableSchema:
     """The declared schema `name` at `version`, from `data_schemas/<name>.v<version>.json`."""
-    text = resources.files("data_schemas").joinpath(f"{name}.v{version}.json").read_text()
+    text = resources.files("fastserve.data_schemas").joinpath(f"{name}.v{version}.json").read_text()
     raw = json.loads(text)
     fields = tuple(
         FieldSpec(

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import build_classifier, sample_texts  # noqa: E402
 
-FASTSERVE = [sys.executable, "-m", "jobs"]
+FASTSERVE = [sys.executable, "-m", "fastserve.jobs"]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import JobConfig, load_job
-from pipeline.errors import ConfigError
+from fastserve.pipeline.config import JobConfig, load_job
+from fastserve.pipeline.errors import ConfigError
 
 BASE = {"input": {"paths": ["c/"]}, "model": {"path": "m"}, "output": {"path": "o"}}
 

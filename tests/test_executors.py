@@ -2,8 +2,8 @@
 
 import os
 
-from pipeline.config import ClusterConfig
-from pipeline.executors import dask_executor
+from fastserve.pipeline.config import ClusterConfig
+from fastserve.pipeline.executors import dask_executor
 
 
 def test_each_worker_gets_its_own_gpu(monkeypatch):

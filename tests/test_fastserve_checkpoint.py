@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, TaskConfig
-from pipeline.errors import ModelError
-from pipeline.models.checkpoint import load_checkpoint
-from pipeline.tasks import get_task
+from fastserve.pipeline.config import ModelConfig, TaskConfig
+from fastserve.pipeline.errors import ModelError
+from fastserve.pipeline.models.checkpoint import load_checkpoint
+from fastserve.pipeline.tasks import get_task
 
 from tiny_models import build_fastserve_gpt, sample_texts
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schemas
-from pipeline.manifest import RunDir
+from fastserve.pipeline import schemas
+from fastserve.pipeline.manifest import RunDir
 
 from conftest import run_cli, write_corpus
 from reference import pipeline_sentiment

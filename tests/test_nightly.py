@@ -135,7 +135,7 @@ def test_array_tasks_judge_duplicates_over_every_pending_shard(tmp_path, classif
 
 
 def test_model_identity_is_the_bytes_of_every_file_even_big_ones(tmp_path, monkeypatch):
-    from pipeline.fingerprint import model_identity
+    from fastserve.pipeline.fingerprint import model_identity
 
     monkeypatch.setenv("FASTSERVE_HOME", str(tmp_path / "home"))
     m = tmp_path / "m"
@@ -334,7 +334,7 @@ def test_symlink_loops_neither_hang_nor_crash(tmp_path, classifier):
 def test_the_glob_walker_matches_what_python_glob_matches(tmp_path):
     import glob
 
-    from pipeline.inputs import _glob
+    from fastserve.pipeline.inputs import _glob
 
     for rel in ["a.parquet", "x/b.parquet", "x/y/c.parquet", ".h/d.parquet", "x/.e.parquet",
                 "_u/f.parquet", "x/y/z/g.txt", "k.parquet.bak"]:  # fmt: skip
@@ -348,8 +348,8 @@ def test_the_glob_walker_matches_what_python_glob_matches(tmp_path):
 
 
 def test_planning_gives_way_to_a_stop(tmp_path):
-    from pipeline.errors import Stopped
-    from pipeline.inputs import resolve_inputs
+    from fastserve.pipeline.errors import Stopped
+    from fastserve.pipeline.inputs import resolve_inputs
 
     (tmp_path / "a").mkdir()
     with pytest.raises(Stopped):

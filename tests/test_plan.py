@@ -7,12 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.batching import length_sorted_batches
-from pipeline.errors import InputError
-from pipeline.inputs import resolve_inputs
-from pipeline.ledger import extend, read_ledger
-from pipeline.manifest import RunDir
-from pipeline.plan import file_pieces, pack, plan_files
+from fastserve.pipeline.batching import length_sorted_batches
+from fastserve.pipeline.errors import InputError
+from fastserve.pipeline.inputs import resolve_inputs
+from fastserve.pipeline.ledger import extend, read_ledger
+from fastserve.pipeline.manifest import RunDir
+from fastserve.pipeline.plan import file_pieces, pack, plan_files
 
 
 def plan_run(plan_dir, files, text_column, shard_rows):
@@ -159,8 +159,8 @@ def test_token_budget_counts_padding():
 
 
 def test_encoder_batches_default_to_a_token_budget_per_device():
-    from pipeline.config import TaskConfig
-    from pipeline.tasks.encoding import batch_limits
+    from fastserve.pipeline.config import TaskConfig
+    from fastserve.pipeline.tasks.encoding import batch_limits
 
     assert batch_limits(TaskConfig(), "cpu") == (256, 2048)
     assert batch_limits(TaskConfig(), "cuda:0") == (256, 16384)

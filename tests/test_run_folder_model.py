@@ -204,10 +204,10 @@ class RunFolderMachine(RuleBasedStateMachine):
         )
 
     def _run(self, named: list[str], overwrite: bool) -> None:
-        from pipeline.config import load_job
-        from pipeline.errors import RunStateError
-        from pipeline.executors import serial_executor
-        from pipeline.infer import run_infer
+        from fastserve.pipeline.config import load_job
+        from fastserve.pipeline.errors import RunStateError
+        from fastserve.pipeline.executors import serial_executor
+        from fastserve.pipeline.infer import run_infer
 
         self.counts["runs"] += 1
         job = load_job(
@@ -296,8 +296,8 @@ class RunFolderMachine(RuleBasedStateMachine):
         if not bad:  # (a vanished file of a pending shard is left out, not failed)
             assert summary.ok, summary.failed
         # _SUCCESS: this run's inputs done, and every shard of the folder
-        from pipeline.ledger import read_ledger
-        from pipeline.manifest import RunDir
+        from fastserve.pipeline.ledger import read_ledger
+        from fastserve.pipeline.manifest import RunDir
 
         run = RunDir(self.out)
         records = run.records()
@@ -309,8 +309,8 @@ class RunFolderMachine(RuleBasedStateMachine):
 
     def folder(self) -> dict:
         """The folder as read back: written rows by id and source, rejected rows by (file, row)."""
-        from pipeline.ledger import read_ledger
-        from pipeline.manifest import RunDir
+        from fastserve.pipeline.ledger import read_ledger
+        from fastserve.pipeline.manifest import RunDir
 
         run = RunDir(self.out)
         written = (

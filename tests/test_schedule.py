@@ -5,8 +5,8 @@ from datetime import datetime
 
 import pytest
 
-from jobs.schedule import next_time, parse_every, scron_entry
-from pipeline.errors import ConfigError
+from fastserve.jobs.schedule import next_time, parse_every, scron_entry
+from fastserve.pipeline.errors import ConfigError
 
 from conftest import run_cli
 
@@ -35,7 +35,7 @@ def test_bad_periods_are_refused(text):
     "expr", ["0 2 * * *\n* * * * * rm -rf ~", "*/1 * * * * *", "0 2 * *", " 0 2 * * *", "@reboot"]
 )
 def test_cron_lines_are_five_fields_on_one_line(expr):
-    from jobs.schedule import check_cron
+    from fastserve.jobs.schedule import check_cron
 
     with pytest.raises(ConfigError, match="expected five fields"):
         check_cron(expr)

@@ -4,10 +4,10 @@ from importlib import resources
 import pyarrow as pa
 import pytest
 
-from pipeline import schemas
+from fastserve.pipeline import schemas
 
 FILES = sorted(
-    p.name for p in resources.files("data_schemas").iterdir() if p.name.endswith(".json")
+    p.name for p in resources.files("fastserve.data_schemas").iterdir() if p.name.endswith(".json")
 )
 
 
@@ -17,7 +17,7 @@ def test_every_table_is_declared():
 
 @pytest.mark.parametrize("name", FILES)
 def test_schema_files_are_versioned_and_documented(name):
-    raw = json.loads(resources.files("data_schemas").joinpath(name).read_text())
+    raw = json.loads(resources.files("fastserve.data_schemas").joinpath(name).read_text())
     assert name == f"{raw['name']}.v{raw['version']}.json"
     assert raw["doc"].strip()
     for f in raw["fields"]:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.config import ModelConfig, TaskConfig
-from pipeline.tasks.sentiment import SentimentTask
+from fastserve.pipeline.config import ModelConfig, TaskConfig
+from fastserve.pipeline.tasks.sentiment import SentimentTask
 
 from reference import pipeline_sentiment
 from tiny_models import sample_texts
@@ -71,7 +71,7 @@ def test_out_of_memory_halves_the_batch_and_a_row_that_never_fits_is_rejected(cl
     over 4 rows, or any batch holding the longest row, does not fit."""
     import torch
 
-    from pipeline.tasks.encoding import EncoderRows
+    from fastserve.pipeline.tasks.encoding import EncoderRows
 
     task = SentimentTask(ModelConfig(path=str(classifier)), TaskConfig(batch_size=16))
     texts = sample_texts(20, seed=5)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.sbatch import SlurmConfig, render, slurm_config
-from pipeline.errors import ConfigError
+from fastserve.jobs.sbatch import SlurmConfig, render, slurm_config
+from fastserve.pipeline.errors import ConfigError
 
 GOLDEN = Path(__file__).parent / "golden"
 FULL = SlurmConfig(

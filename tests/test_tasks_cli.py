@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline import schemas
+from fastserve.pipeline import schemas
 
 from conftest import read_sorted, run_cli
 from reference import hf_embed, hf_translate

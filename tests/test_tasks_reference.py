@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.config import ModelConfig, TaskConfig
-from pipeline.tasks import get_task
+from fastserve.pipeline.config import ModelConfig, TaskConfig
+from fastserve.pipeline.tasks import get_task
 
 from reference import hf_embed, hf_generate, hf_translate
 from tiny_models import build_bart, build_encoder, build_gpt2, sample_texts

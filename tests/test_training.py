@@ -65,7 +65,7 @@ def job(tmp, name, **changes) -> Path:
 
 
 def train(config: Path, n: int = 1, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "jobs", "train", "--config", str(config)]
+    cmd = [sys.executable, "-m", "fastserve.jobs", "train", "--config", str(config)]
     if n > 1:
         cmd = [str(MPIEXEC), "-n", str(n), *cmd]
     return subprocess.run(
@@ -127,7 +127,17 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(workdir):
     cfg = job(workdir, "long", parallel={"pp": 2}, **steps)
     run = workdir / "long"
     proc = subprocess.Popen(
-        [str(MPIEXEC), "-n", "2", sys.executable, "-m", "jobs", "train", "--config", str(cfg)],
+        [
+            str(MPIEXEC),
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "fastserve.jobs",
+            "train",
+            "--config",
+            str(cfg),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -280,8 +290,8 @@ def _gen_toml(workdir):
 
 API_SCRIPT = """
 import json, sys
-from pipeline.distributed.api import DistributedModel
-from pipeline.models.gpt import GPT, GPTConfig
+from fastserve.pipeline.distributed.api import DistributedModel
+from fastserve.pipeline.models.gpt import GPT, GPTConfig
 import torch
 torch.manual_seed(0)
 dm = DistributedModel(GPT(GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=32)), strategy=sys.argv[1])

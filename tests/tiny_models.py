@@ -228,8 +228,8 @@ def build_fastserve_gpt(folder: Path, seed: int = 0) -> Path:
     """A FastServe GPT checkpoint (fastserve.json + model.safetensors + tokenizer.json)."""
     import torch
 
-    from pipeline.models.checkpoint import save_checkpoint
-    from pipeline.models.gpt import GPT, GPTConfig
+    from fastserve.pipeline.models.checkpoint import save_checkpoint
+    from fastserve.pipeline.models.gpt import GPT, GPTConfig
 
     tok_dir = folder.parent / f"{folder.name}-tokenizer"
     tok = build_bpe_tokenizer(tok_dir, ["<pad>", "<|endoftext|>", "<|endoftext|>"])

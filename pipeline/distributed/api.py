@@ -1,8 +1,8 @@
 """The Python API: a model and a strategy in, a trained model out, over the same machinery as
 `fastserve train` (run the script under `mpiexec -n N`).
 
-    from pipeline.distributed.api import DistributedModel
-    from pipeline.models.gpt import GPT, GPTConfig
+    from fastserve.pipeline.distributed.api import DistributedModel
+    from fastserve.pipeline.models.gpt import GPT, GPTConfig
 
     dm = DistributedModel(GPT(GPTConfig(vocab_size=512)), strategy="pipeline")   # pp = world size
     history = dm.fit("corpus/", steps=100, batch_size=16, seq_len=64, output="runs/api")
