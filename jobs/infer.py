@@ -13,7 +13,7 @@ import sys
 import click
 
 from fastserve.pipeline.config import DEVICES, DTYPES, EXECUTORS, ON_LONG, TASKS, load_job
-from fastserve.pipeline.executors import executor_for
+from fastserve.pipeline.executors import client_role, executor_for
 from fastserve.pipeline.infer import Stop, run_infer
 
 from .progress import Progress
@@ -110,11 +110,14 @@ def infer(config_file, **flags) -> None:
     Rerunning the same command resumes: finished shards are skipped, new input files are done.
     """
     job = load_job(config_file, _overrides(**flags))
-    if job.cluster.executor in ("mpi", "slurm"):
-        from fastserve.pipeline.executors import start_mpi_roles, start_slurm_roles
+    # executor slurm/mpi: the scheduler's and workers' tasks stay inside client_role until the
+    # client is done; whatever way the client ends (an error before it ever connected included),
+    # they end too, so the step ends with the client's exit code
+    with client_role(job.cluster):
+        _run(job)
 
-        # returns only on the client's task; the scheduler and workers exit when it is done
-        (start_mpi_roles if job.cluster.executor == "mpi" else start_slurm_roles)(job.cluster)
+
+def _run(job) -> None:
     progress = Progress()
     stop = Stop()
 

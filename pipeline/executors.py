@@ -388,9 +388,53 @@ def slurm_executor(cfg: ClusterConfig) -> Iterator[DaskExecutor]:
         )
         yield DaskExecutor(client, threads)
     finally:
-        with suppress(Exception):
+        with suppress(Exception):  # already gone (its task killed): nothing left to end
             client.shutdown()  # the scheduler and every worker exit: the srun step ends
+        _ROLES["ended"] = True
         client.close()
+
+
+# Whether this process (a client task of a slurm/mpi launch) has shut its roles down already.
+_ROLES = {"ended": False}
+
+
+def _end_roles(cfg: ClusterConfig) -> None:
+    """The client is ending without having shut the cluster down (an error before it ever
+    connected: a bad model folder, a typo caught by a check): connect now only to shut the
+    scheduler and workers down, so the step ends with the client's exit code instead of running
+    on to its time limit."""
+    from distributed import Client
+
+    try:
+        path = slurm_scheduler_file()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client = Client(scheduler_file=path, timeout="30s")
+        client.shutdown()
+        client.close()
+    except Exception as e:  # noqa: BLE001 - reported; the step's time limit is the fallback
+        logging.getLogger("fastserve").warning("could not shut the Dask roles down: %s", e)
+
+
+@contextmanager
+def client_role(cfg: ClusterConfig) -> Iterator[None]:
+    """Where the scheduler and workers are other tasks of the same launch (executor slurm or
+    mpi): start the roles (only the client's task returns from here, into the `with` body), and
+    whatever way the client's body ends, make sure the roles end too. Other executors: nothing."""
+    if cfg.executor == "mpi":  # dask-mpi shuts its roles down when the client's process exits
+        start_mpi_roles(cfg)
+        yield
+        return
+    if cfg.executor != "slurm":
+        yield
+        return
+    start_slurm_roles(cfg)
+    try:
+        yield
+    finally:
+        if not _ROLES["ended"]:
+            _end_roles(cfg)
 
 
 class SerialExecutor:

@@ -39,6 +39,21 @@ def test_infer_job_runs_on_dask_inside_the_allocation(tmp_path, classifier, slur
     assert "complete: 3/3 shards" in logs
 
 
+def test_a_client_that_fails_at_once_ends_its_step_with_its_exit_code(tmp_path, slurm_cluster):
+    write_corpus(tmp_path / "corpus", n_files=1, rows=5)
+    (tmp_path / "job.toml").write_text(  # the model folder does not exist: the client exits 2
+        '[input]\npaths = ["corpus"]\n[model]\npath = "no-such-model"\n[output]\npath = "out"\n'
+        '[slurm]\ntime = "00:05:00"\novercommit = true\noutput = "slurm-%j.out"\n'
+    )
+    t0 = time.monotonic()
+    proc = run_cli("submit", "infer", tmp_path / "job.toml", "--wait", timeout=600, cwd=tmp_path)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 2, proc.stderr + logs  # the client's code, not the time limit's
+    assert time.monotonic() - t0 < 150, logs  # the scheduler and worker ended with the client
+    assert "model folder" in logs and "does not exist" in logs
+    assert "the step ended with exit code 2" in logs
+
+
 def test_train_job_runs_two_ranks_under_srun(tmp_path, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=1, rows=200)
     (tmp_path / "train.toml").write_text(
