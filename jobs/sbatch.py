@@ -27,9 +27,10 @@ class SlurmConfig:
     account: str | None = None
     qos: str | None = None
     nodes: int = 1
-    ntasks_per_node: int = 3
+    ntasks_per_node: int | None = None
     """Tasks per node. infer: one is the Dask scheduler and one the client, the rest are workers
-    (at least 3 in all). train: one MPI rank per task (one per GPU)."""
+    (at least 3 in all; unset: 3). train: one MPI rank per task (one per GPU); unset: the job's
+    dp x tp x pp ranks over `nodes`."""
     gpus_per_node: int = 0
     cpus_per_task: int | None = None
     """CPUs per task (torch threads per worker or rank). Unset: Slurm's default (and with
@@ -115,6 +116,49 @@ def _check(cfg: SlurmConfig, where: str) -> None:
             bad(key, getattr(cfg, key), "a number >= 1")
 
 
+def train_tasks(cfg: SlurmConfig, world: int, where: str) -> SlurmConfig:
+    """The [slurm] table of a train job with its task count made to fit the parallel layout
+    (`world` = dp x tp x pp ranks, one task each), or a ConfigError saying why it cannot."""
+    from dataclasses import replace
+
+    if cfg.ntasks_per_node is None:
+        if world % cfg.nodes:
+            raise ConfigError(
+                f"{where}: parallel dp x tp x pp = {world} ranks do not spread evenly over "
+                f"slurm.nodes = {cfg.nodes}; change the layout or the node count"
+            )
+        return replace(cfg, ntasks_per_node=world // cfg.nodes)
+    if cfg.nodes * cfg.ntasks_per_node != world:
+        raise ConfigError(
+            f"{where}: slurm.nodes x slurm.ntasks_per_node = {cfg.nodes * cfg.ntasks_per_node} "
+            f"tasks, but parallel dp x tp x pp = {world} ranks (one task each); leave "
+            "slurm.ntasks_per_node out to have it derived"
+        )
+    return cfg
+
+
+def check_fits(cfg: SlurmConfig, where: str) -> None:
+    """Refuse a job its partition can never run (it would stay pending for good): more tasks x
+    CPUs per node than any node of the partition has, without overcommit. Asks `sinfo`."""
+    import shutil
+
+    if cfg.overcommit or shutil.which("sinfo") is None:
+        return
+    args = ["sinfo", "-h", "-N", "-o", "%c"] + (["-p", cfg.partition] if cfg.partition else [])
+    proc = run_slurm(args, check=False)
+    cpus = [int(x) for x in proc.stdout.split() if x.isdigit()] if proc.returncode == 0 else []
+    if not cpus:
+        return  # nothing known: let sbatch decide
+    need = (cfg.ntasks_per_node or 3) * (cfg.cpus_per_task or 1)
+    if need > max(cpus):
+        raise ConfigError(
+            f"{where}: {cfg.ntasks_per_node or 3} tasks x {cfg.cpus_per_task or 1} CPUs per node, but "
+            f"the nodes of {'partition ' + cfg.partition if cfg.partition else 'this cluster'} have "
+            f"at most {max(cpus)} CPUs: the job would stay pending; use more nodes, fewer "
+            "ranks, or slurm.overcommit = true"
+        )
+
+
 def directives(kind: str, cfg: SlurmConfig) -> list[str]:
     """The `#SBATCH` lines, sorted by option name."""
     opts = {
@@ -125,10 +169,11 @@ def directives(kind: str, cfg: SlurmConfig) -> list[str]:
         "signal": f"B:USR1@{cfg.signal_grace_s}",
         "open-mode": "append",  # a requeued job adds to its log instead of replacing it
     }
+    per_node = cfg.ntasks_per_node or 3
     if cfg.overcommit:  # Slurm refuses --ntasks-per-node above the node's CPUs, even overcommitted
-        opts["ntasks"] = str(cfg.nodes * cfg.ntasks_per_node)
+        opts["ntasks"] = str(cfg.nodes * per_node)
     else:
-        opts["ntasks-per-node"] = str(cfg.ntasks_per_node)
+        opts["ntasks-per-node"] = str(per_node)
     for key in ("partition", "account", "qos", "mem", "error", "cpus_per_task"):
         if getattr(cfg, key) is not None:
             opts[key.replace("_", "-")] = str(getattr(cfg, key))

@@ -201,7 +201,7 @@ def schedule(job_file, cron, every, name, list_, remove, via, dry_run, resubmit,
             ' || echo "fastserve: could not submit the next scheduled run"'
         )
     )
-    script = prepare("infer", job_file, after=after)
+    script = prepare("infer", job_file, after=after, check_cluster=True)
     if "#SBATCH --array=" in script:
         raise ConfigError(f"{job_file}: a scheduled job takes no slurm.array")
     if dry_run:

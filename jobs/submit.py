@@ -18,7 +18,7 @@ from fastserve.pipeline.errors import ConfigError
 from fastserve.pipeline.training.config import PATH_KEYS as TRAIN_PATH_KEYS
 from fastserve.pipeline.training.config import load_train_job
 
-from .sbatch import render, sbatch, slurm_config
+from .sbatch import check_fits, render, sbatch, slurm_config, train_tasks
 
 
 def kind_of(job_file: str) -> str:
@@ -36,8 +36,15 @@ def fastserve_command() -> str:
     return f"{shlex.quote(sys.executable)} -m fastserve.jobs"
 
 
-def prepare(kind: str, job_file: str, dependency: str | None = None, after: str = "") -> str:
-    """Validate the job file for `kind` and render its script (the command: this interpreter)."""
+def prepare(
+    kind: str,
+    job_file: str,
+    dependency: str | None = None,
+    after: str = "",
+    check_cluster: bool = False,
+) -> str:
+    """Validate the job file for `kind` and render its script (the command: this interpreter).
+    `check_cluster`: also refuse a job the cluster's nodes cannot hold (asks sinfo)."""
     raw = read_job_file(job_file, INFER_PATH_KEYS if kind == "infer" else TRAIN_PATH_KEYS)
     cfg = slurm_config(
         {**raw.get("slurm", {}), **({"dependency": dependency} if dependency else {})}, job_file
@@ -46,7 +53,12 @@ def prepare(kind: str, job_file: str, dependency: str | None = None, after: str 
         raise ConfigError(
             f"{job_file}: slurm.array splits an inference run; a train job takes none"
         )
-    (load_job if kind == "infer" else load_train_job)(job_file)  # the job itself must be valid
+    job = (load_job if kind == "infer" else load_train_job)(job_file)  # the job must be valid
+    if kind == "train":
+        p = job.parallel
+        cfg = train_tasks(cfg, p.dp * p.tp * p.pp, job_file)
+    if check_cluster:
+        check_fits(cfg, job_file)
     return render(kind, cfg, str(Path(job_file).resolve()), fastserve_command(), after)
 
 
@@ -79,7 +91,7 @@ def submit(kind: str, job_files: tuple[str, ...], dry_run: bool, wait: bool) -> 
             if previous and not dry_run
             else ("afterok:0" if i and dry_run else None)
         )
-        script = prepare(k, job_file, dependency)
+        script = prepare(k, job_file, dependency, check_cluster=not dry_run)
         if dry_run:
             click.echo(script, nl=False)
             continue

@@ -54,6 +54,16 @@ def test_a_client_that_fails_at_once_ends_its_step_with_its_exit_code(tmp_path, 
     assert "the step ended with exit code 2" in logs
 
 
+def test_a_layout_no_node_can_hold_is_refused_not_left_pending(tmp_path, slurm_cluster):
+    cpus = int(re.search(r"CPUs=(\d+)", (slurm_cluster / "slurm.conf").read_text()).group(1))
+    write_corpus(tmp_path / "corpus", n_files=1, rows=5)
+    toml = TRAIN_TOML.replace("batch_size = 4", f"batch_size = {2 * cpus}")
+    (tmp_path / "train.toml").write_text(toml + f"[parallel]\ndp = {2 * cpus}\n")  # no [slurm]
+    proc = run_cli("submit", "train", tmp_path / "train.toml", "--wait", timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "would stay pending" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_train_job_runs_two_ranks_under_srun(tmp_path, slurm_cluster):
     write_corpus(tmp_path / "corpus", n_files=1, rows=200)
     (tmp_path / "train.toml").write_text(

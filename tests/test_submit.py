@@ -85,3 +85,22 @@ def test_misspelled_key_lists_the_valid_ones():
     with pytest.raises(ConfigError) as e:
         slurm_config({"partiton": "gpu"}, "job.toml")
     assert "unknown key 'slurm.partiton'" in str(e.value) and "slurm.partition" in str(e.value)
+
+
+TRAIN = '[model]\nn_layer = 2\n[data]\npaths = ["c"]\n[parallel]\npp = 2\ndp = 2\n[output]\npath = "r"\n'
+
+
+def test_a_train_job_gets_one_task_per_rank_of_its_layout(tmp_path):
+    from fastserve.jobs.submit import prepare
+
+    job = tmp_path / "train.toml"
+    job.write_text(TRAIN)  # no [slurm] table at all
+    assert "#SBATCH --ntasks-per-node=4" in prepare("train", str(job)).splitlines()
+    job.write_text(TRAIN + "[slurm]\nnodes = 2\n")
+    assert "#SBATCH --ntasks-per-node=2" in prepare("train", str(job)).splitlines()
+    job.write_text(TRAIN + "[slurm]\nnodes = 3\n")
+    with pytest.raises(ConfigError, match="do not spread evenly over slurm.nodes = 3"):
+        prepare("train", str(job))
+    job.write_text(TRAIN + "[slurm]\nntasks_per_node = 3\n")
+    with pytest.raises(ConfigError, match="3 tasks, but parallel dp x tp x pp = 4 ranks"):
+        prepare("train", str(job))
