@@ -23,7 +23,8 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint  ## lint, then the whole test suite
+test: lint  ## lint, then the whole test suite (installs Debian's Slurm for its tests where it can)
+	./slurm/install-deps.sh
 	$(PY) -m pytest
 
 bench: install  ## benchmarks; figures go to bench/RESULTS.md

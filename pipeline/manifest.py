@@ -271,7 +271,8 @@ class RunDir:
         self.run_json.unlink(missing_ok=True)  # then: it is no longer bound to the old config
         for p in [*self.root.glob("*.parquet"), *self.root.glob(".tmp-*")]:
             p.unlink(missing_ok=True)
-        shutil.rmtree(self.root / "_rejected", ignore_errors=True)
+        if (self.root / "_rejected").exists():  # a failure surfaces: half-cleared is not clear
+            shutil.rmtree(self.root / "_rejected")
         for p in self.manifest.iterdir() if self.manifest.is_dir() else ():
             if p.name != "lock":  # held by the clearing command itself
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

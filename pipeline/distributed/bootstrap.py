@@ -31,6 +31,18 @@ class DistEnv:
     backend: str
     comm: object  # the MPI communicator (control plane: small host-side messages)
 
+    def sum(self, value):
+        """`value` summed over every rank (a small host-side number: counts, flags)."""
+        from mpi4py import MPI
+
+        return self.comm.allreduce(value, op=MPI.SUM)
+
+    def max(self, value):
+        """The largest `value` of any rank (e.g. whether any rank was asked to stop)."""
+        from mpi4py import MPI
+
+        return self.comm.allreduce(value, op=MPI.MAX)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

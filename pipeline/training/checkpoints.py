@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -62,7 +63,11 @@ def mark_complete(run: Path, step: int, keep: int) -> None:
     (step_dir(run, step) / "COMPLETE").write_text(f"{step}\n")
     done = sorted(p.parent for p in (run / "checkpoints").glob("step-*/COMPLETE"))
     for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        (old / "COMPLETE").unlink()  # first: a half-removed checkpoint is never taken as whole
+        try:
+            shutil.rmtree(old)
+        except OSError as e:  # training goes on; the folder is only space, no longer a checkpoint
+            print(f"fastserve: could not remove old checkpoint {old}: {e}", file=sys.stderr)
 
 
 def load_shard(d: Path, rank: int, named_params, optimizer, scheduler, layout: dict) -> int:

@@ -305,11 +305,9 @@ class Trainer:
         correct, total = self.counting
         self.counting = None
         if self.job.model.arch == "classifier":
-            from mpi4py import MPI
-
             # counted on the last stage's ranks only; TP ranks there count the same rows
             mine = (correct, total) if self.is_last else (0, 0)
-            right, seen = (self.env.comm.allreduce(v, op=MPI.SUM) for v in mine)
+            right, seen = (self.env.sum(v) for v in mine)
             self.accuracy = right / max(1, seen)
         return sum(losses) / len(losses)
 
@@ -341,9 +339,7 @@ class Trainer:
             signal.signal(s, handler)
 
     def _should_stop(self) -> bool:
-        from mpi4py import MPI
-
-        return bool(self.env.comm.allreduce(self.stop_requested, op=MPI.MAX))
+        return bool(self.env.max(self.stop_requested))
 
     # -- the loop ------------------------------------------------------------------------------
 
