@@ -109,7 +109,6 @@ def fastserve_run(
     from fastserve.pipeline.config import load_job
     from fastserve.pipeline.executors import dask_executor
     from fastserve.pipeline.infer import run_infer
-    from fastserve.pipeline.manifest import RunDir
 
     cores = len(os.sched_getaffinity(0))
     job = load_job(
@@ -126,11 +125,7 @@ def fastserve_run(
     summary = run_infer(job, dask_executor)
     wall = time.perf_counter() - t0
     assert summary.ok, summary.failed
-    records = RunDir.at(out).records().values()
-    return wall, {
-        "rows": sum(r["rows_in"] for r in records),
-        "model_s": sum(r["seconds"]["model"] for r in records),
-    }
+    return wall, {"rows": summary.totals.rows_in, "model_s": summary.totals.model_seconds}
 
 
 def bench_encoder(tmp: Path, args) -> list[dict]:

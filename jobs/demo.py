@@ -207,14 +207,15 @@ def summarize(root: Path, tasks: list[str]) -> str:
     ]
     for task in tasks:
         run = load_run(root / "runs" / task)
-        rate = run.rows_in / run.model_seconds if run.model_seconds else 0
-        tokens = run.tokens
+        c = run.counts
+        rate = c.rows_in / c.model_seconds if c.model_seconds else 0
+        tokens = c.tokens
         if task == "generate":  # new tokens, the ones generation pays for
             tokens = pc.sum(_table(run.path).column("generated_tokens")).as_py() or 0
-        trate = tokens / run.model_seconds if run.model_seconds else 0
-        rej = ", ".join(f"{k} {v}" for k, v in run.rejected.items()) or "0"
+        trate = tokens / c.model_seconds if c.model_seconds else 0
+        rej = ", ".join(f"{k} {v}" for k, v in c.rejected_by_reason.items()) or "0"
         lines.append(
-            f"| {task} | {run.rows_in:,} | {run.rows_out:,} | {rej} | {rate:,.0f} | {trate:,.0f} |"
+            f"| {task} | {c.rows_in:,} | {c.rows_out:,} | {rej} | {rate:,.0f} | {trate:,.0f} |"
         )
     lines += [
         "",

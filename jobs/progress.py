@@ -74,10 +74,11 @@ class Progress:
     def finish(self, s: RunSummary) -> None:
         if self.bar is not None:
             self.bar.stop()
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.rejected_by_reason.items()))
+        t = s.totals
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(t.rejected_by_reason.items()))
         click.echo(
-            f"{'complete' if s.ok else 'incomplete'}: {s.shards_done}/{s.shards_total} shards, "
-            f"rows in {s.rows_in} = out {s.rows_out} + rejected {s.rows_rejected}"
+            f"{'complete' if s.ok else 'incomplete'}: {t.shards}/{s.shards_total} shards, "
+            f"rows in {t.rows_in} = out {t.rows_out} + rejected {t.rows_rejected}"
             + (f" ({reasons})" if reasons else "")
             + f"; {s.seconds:.1f}s -> {s.output}"
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from fastserve.pipeline.counts import Counts
 from fastserve.pipeline.errors import UserError
 from fastserve.pipeline.manifest import RunDir
 
@@ -31,28 +32,8 @@ class InferRun:
     summaries: list[dict] = field(default_factory=list)
 
     @property
-    def rows_in(self) -> int:
-        return sum(r["rows_in"] for r in self.records)
-
-    @property
-    def rows_out(self) -> int:
-        return sum(r["rows_out"] for r in self.records)
-
-    @property
-    def rejected(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self.records:
-            for reason, n in r["rejected_by_reason"].items():
-                out[reason] = out.get(reason, 0) + n
-        return dict(sorted(out.items()))
-
-    @property
-    def model_seconds(self) -> float:
-        return sum(r["seconds"].get("model", 0.0) for r in self.records)
-
-    @property
-    def tokens(self) -> int:
-        return sum(r["tokens"] for r in self.records)
+    def counts(self) -> Counts:
+        return Counts.total(self.records)
 
     @property
     def wall_seconds(self) -> float:
@@ -86,12 +67,10 @@ def load_run(path: str | Path) -> InferRun | TrainRun:
             f"{path}: not a FastServe run folder (no _manifest/run.json and no metrics.jsonl); "
             "pass an infer --output folder or a train output.path folder"
         )
-    from fastserve.pipeline.ledger import read_ledger
+    from fastserve.pipeline.ledger import complete_records, read_ledger
 
-    sha = info["fingerprint"]["sha"]
     live = read_ledger(run.plan_dir).live
-    ids = {s.id for s in live}
-    records = [r for k, r in run.records().items() if r.get("fingerprint") == sha and k in ids]
+    records = list(complete_records(run, info["fingerprint"]["sha"]).values())
     records.sort(key=lambda r: r["started"])
     summaries = [e for e in run.run_entries() if "finished" in e]
     fields_ = info["fingerprint"]["fields"]
@@ -157,14 +136,15 @@ def plot_throughput(runs: list[InferRun], path: Path) -> Path | None:
 
 
 def plot_rejected(runs: list[InferRun], path: Path) -> Path | None:
-    reasons = sorted({k for r in runs for k in r.rejected})
+    reasons = sorted({k for r in runs for k in r.counts.rejected_by_reason})
     if not reasons:
         return None
     fig, ax = _figure()
     width = 0.8 / max(1, len(runs))
     for i, run in enumerate(runs):
         xs = [j + i * width for j in range(len(reasons))]
-        ax.bar(xs, [run.rejected.get(k, 0) for k in reasons], width, label=run.path.name)
+        rejected = run.counts.rejected_by_reason
+        ax.bar(xs, [rejected.get(k, 0) for k in reasons], width, label=run.path.name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(reasons))], reasons)
     ax.set(ylabel="rows", title="Rejected rows by reason (kept in _rejected/)")
     return _save(fig, ax, path, grid=False)
@@ -191,15 +171,15 @@ def markdown(runs: list, images: list[Path], title: str, extra: str = "") -> str
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in infer:
-            rejected = sum(r.rejected.values())
+            c = r.counts
             lines.append(
-                f"| `{r.path}` | {r.task} | {len(r.records)}/{r.shards_planned} | {r.rows_in:,} "
-                f"| {r.rows_out:,} | {rejected:,} | {_rate(r.rows_in, r.model_seconds)} "
-                f"| {_rate(r.tokens, r.model_seconds)} | {r.wall_seconds:.1f} |"
+                f"| `{r.path}` | {r.task} | {c.shards}/{r.shards_planned} | {c.rows_in:,} "
+                f"| {c.rows_out:,} | {c.rows_rejected:,} | {_rate(c.rows_in, c.model_seconds)} "
+                f"| {_rate(c.tokens, c.model_seconds)} | {r.wall_seconds:.1f} |"
             )
         for r in infer:
-            if r.rejected:
-                why = ", ".join(f"{k} {v}" for k, v in r.rejected.items())
+            if r.counts.rejected_by_reason:
+                why = ", ".join(f"{k} {v}" for k, v in r.counts.rejected_by_reason.items())
                 lines.append(f"\n`{r.path.name}` rejected: {why} (rows in `_rejected/`).")
             if r.summaries:
                 lines += ["", f"Runs of `{r.path.name}`:", ""]

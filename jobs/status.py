@@ -10,8 +10,9 @@ import time
 
 import click
 
+from fastserve.pipeline.counts import Counts
 from fastserve.pipeline.errors import UserError
-from fastserve.pipeline.ledger import read_ledger
+from fastserve.pipeline.ledger import complete_records, read_ledger
 from fastserve.pipeline.manifest import RunDir
 
 
@@ -25,17 +26,14 @@ def status(output: str) -> None:
         raise UserError(f"{output} is not a FastServe run folder (no _manifest/run.json)")
     fp = info["fingerprint"]
     ledger = read_ledger(run.plan_dir)
-    live = {s.id for s in ledger.live}
-    records = {
-        k: r for k, r in run.records().items() if r.get("fingerprint") == fp["sha"] and k in live
-    }
-    rows_in = sum(r["rows_in"] for r in records.values())
-    rows_out = sum(r["rows_out"] for r in records.values())
-    rejected: dict[str, int] = {}
-    for r in records.values():
-        for reason, n in r["rejected_by_reason"].items():
-            rejected[reason] = rejected.get(reason, 0) + n
-    model_s = sum(r["seconds"].get("model", 0) for r in records.values())
+    records = complete_records(run, fp["sha"])
+    t = Counts.total(records.values())
+    rows_in, rows_out, rejected, model_s = (
+        t.rows_in,
+        t.rows_out,
+        t.rejected_by_reason,
+        t.model_seconds,
+    )
     planned_rows = sum(s.rows for s in ledger.live)
     runs = sorted(run.run_entries(), key=lambda e: e.get("started", 0))
     ended = [e for e in runs if "finished" in e]

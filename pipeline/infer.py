@@ -14,10 +14,11 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .checks import check_job, check_output_place
 from .config import JobConfig
+from .counts import Counts
 from .dedupe import find_duplicates, pending_hashes, written_hashes
 from .errors import ModelError, RunStateError, Stopped
 from .fingerprint import fingerprint
@@ -47,24 +48,22 @@ class Stop:
 class RunSummary:
     output: str
     shards_total: int = 0
-    shards_done: int = 0
     shards_skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     """shard id or 'file <key>' -> reason, for what could not be processed."""
     notes: list[str] = field(default_factory=list)
     """What the user should know that is not a failure (e.g. results withdrawn for a changed file)."""
-    rows_in: int = 0
-    rows_out: int = 0
-    rows_rejected: int = 0
-    rejected_by_reason: dict[str, int] = field(default_factory=dict)
-    tokens: int = 0
+    totals: Counts = field(default_factory=Counts)
+    """Over the complete shards of this run's inputs, whichever run completed them."""
+    processed: Counts = field(default_factory=Counts)
+    """What this run itself processed."""
     seconds: float = 0.0
     dashboard: str | None = None
     interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.interrupted and self.shards_done == self.shards_total
+        return not self.failed and not self.interrupted and self.totals.shards == self.shards_total
 
 
 def owns(shard_id: str, share: tuple[int, int]) -> bool:
@@ -125,9 +124,6 @@ class _Run:
         self.token = uuid.uuid4().hex[
             :8
         ]  # task keys unique to this run, even on a shared scheduler
-        self.processed = dict.fromkeys(
-            ("shards", "rows_in", "rows_out", "rows_rejected", "tokens"), 0
-        )
         self.fatal: str | None = None  # a model that cannot load: the run ends with it
 
     def plan(self, **kw) -> Plan:
@@ -191,12 +187,13 @@ class _Run:
         summary.seconds = time.time() - t0
         entry.update(
             finished=time.time(),
-            processed=self.processed,
+            processed=summary.processed.as_dict(),
             failed=summary.failed,
             notes=summary.notes,
             interrupted=summary.interrupted,
             complete=summary.ok,
-            totals=self.totals(),
+            totals=summary.totals.as_dict(),
+            shards_total=summary.shards_total,
         )
         try:
             whole = summary.ok and self.consistent()
@@ -246,9 +243,7 @@ class _Run:
                 else:
                     self.summary.failed[shard.id] = res.error
             else:
-                self.processed["shards"] += 1
-                for k in ("rows_in", "rows_out", "rows_rejected", "tokens"):
-                    self.processed[k] += getattr(res, k)
+                self.summary.processed += Counts.of(asdict(res))
             if on_shard:
                 on_shard(res, self.summary)
         return split
@@ -322,32 +317,11 @@ class _Run:
 
     def account(self, plan: Plan) -> None:
         """Totals from the records on disk, so they cover earlier (resumed) runs too."""
-        s = self.summary
-        s.shards_total = len(plan.shards)
+        self.summary.shards_total = len(plan.shards)
         records = self.run.records()
-        for shard in plan.shards:
-            rec = records.get(shard.id)
-            if rec is None or not is_complete(self.run, shard.id, self.sha):
-                continue
-            s.shards_done += 1
-            s.rows_in += rec["rows_in"]
-            s.rows_out += rec["rows_out"]
-            s.rows_rejected += rec["rows_rejected"]
-            s.tokens += rec["tokens"]
-            for reason, n in rec["rejected_by_reason"].items():
-                s.rejected_by_reason[reason] = s.rejected_by_reason.get(reason, 0) + n
-
-    def totals(self) -> dict:
-        s = self.summary
-        return {
-            "shards": s.shards_total,
-            "shards_done": s.shards_done,
-            "rows_in": s.rows_in,
-            "rows_out": s.rows_out,
-            "rows_rejected": s.rows_rejected,
-            "rejected_by_reason": s.rejected_by_reason,
-            "tokens": s.tokens,
-        }
+        self.summary.totals = Counts.total(
+            records[s.id] for s in plan.shards if is_complete(self.run, s.id, self.sha)
+        )
 
     def consistent(self) -> bool:
         """Before _SUCCESS: every shard of the folder is complete (not only this run's: a

@@ -215,3 +215,14 @@ def remove_withdrawn(run: RunDir, ledger: Ledger) -> None:
     for sid in ledger.retracted:
         for p in (run.output_path(sid), run.rejected_path(sid), run.record_path(sid)):
             p.unlink(missing_ok=True)
+
+
+def complete_records(run: RunDir, sha: str) -> dict[str, dict]:
+    """The completion records of the folder's live shards done under fingerprint `sha` (with
+    their output on disk), by shard id: what its totals are made of."""
+    live = {s.id for s in read_ledger(run.plan_dir).live}
+    return {
+        sid: rec
+        for sid, rec in run.records().items()
+        if sid in live and rec.get("fingerprint") == sha and run.output_path(sid).exists()
+    }
