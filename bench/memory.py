@@ -18,20 +18,13 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_models import build_classifier, sample_texts  # noqa: E402
+from fastserve.pipeline.testing import sample_texts, write_texts
+from fastserve.pipeline.testing.models import build_classifier
 
 
 def write_corpus(folder: Path, rows: int, file_rows: int) -> None:
-    folder.mkdir(parents=True)
-    for f in range(0, rows, file_rows):
-        n = min(file_rows, rows - f)
-        texts = sample_texts(n, seed=f)
-        table = pa.table({"id": [f"r{f + i}" for i in range(n)], "text": texts})
-        pq.write_table(table, folder / f"part-{f // file_rows:05d}.parquet", row_group_size=1000)
+    write_texts(folder, sample_texts(rows), files=-(-rows // file_rows), row_group_size=1000)
 
 
 def peak_rss(cmd: list[str]) -> dict:

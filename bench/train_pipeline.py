@@ -20,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import write_corpus  # noqa: E402
+from fastserve.pipeline.testing import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,6 @@ resumable: a second run reuses what the first made.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import click
 import pyarrow.compute as pc
 
 from fastserve.pipeline.errors import UserError
+from fastserve.pipeline.testing import toml_text
 
 from . import demo_data
 from .report import load_run, write_report
@@ -44,14 +44,6 @@ SIZES = {  # fmt: skip
         rows=120, shards=3, shard_rows=40, train=200, clf_steps=4, gen_steps=4, n_embd=32, new=4
     ),
 }
-
-
-def _toml(tables: dict) -> str:
-    lines = []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _train_job(kind: str, size: dict) -> dict:
@@ -161,7 +153,7 @@ def demo(folder: str, size: str, workers: int) -> None:
     seconds: dict[str, float] = {}
     for kind in ("classifier", "generator"):
         job = root / "models" / f"{kind}.toml"
-        job.write_text(_toml(_train_job(kind, s)))
+        job.write_text(toml_text(_train_job(kind, s)))
         seconds[f"train {kind}"] = _run(
             [*launcher, *py, "train", "--config", str(job)],
             f"train the {kind} (2 ranks, 2 pipeline stages)",
@@ -178,7 +170,7 @@ def demo(folder: str, size: str, workers: int) -> None:
         tasks.append(("embed", minilm))
     for task, model in tasks:
         job = root / "runs" / f"{task}.toml"
-        job.write_text(_toml(_infer_job(task, model, s, workers)))
+        job.write_text(toml_text(_infer_job(task, model, s, workers)))
         seconds[task] = _run(
             [*py, "infer", "--config", str(job)], f"bulk {task} with Dask", root / "runs"
         )

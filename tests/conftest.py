@@ -13,9 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # FastServe's own state (model hash cache, schedules) stays out of the tester's home
 os.environ.setdefault("FASTSERVE_HOME", tempfile.mkdtemp(prefix="fastserve-home-"))
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_models import build_classifier, sample_texts  # noqa: E402
+from fastserve.pipeline.testing.models import build_classifier  # noqa: E402
 
 FASTSERVE = [sys.executable, "-m", "fastserve.jobs"]
 
@@ -23,27 +21,6 @@ FASTSERVE = [sys.executable, "-m", "fastserve.jobs"]
 @pytest.fixture(scope="session")
 def classifier(tmp_path_factory) -> Path:
     return build_classifier(tmp_path_factory.mktemp("models") / "clf")
-
-
-def write_corpus(
-    folder: Path, n_files: int, rows: int, seed: int = 0, prefix: str = "doc"
-) -> list[Path]:
-    """n_files Parquet files of `rows` rows each: id (string), text, and a `lang` column."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for f in range(n_files):
-        texts = sample_texts(rows, seed=seed + f)
-        table = pa.table(
-            {
-                "id": [f"{prefix}-{f}-{i}" for i in range(rows)],
-                "text": texts,
-                "lang": ["en"] * rows,
-            }
-        )
-        p = folder / f"part-{f:03d}.parquet"
-        pq.write_table(table, p, row_group_size=max(1, rows // 2))
-        paths.append(p)
-    return paths
 
 
 def run_cli(

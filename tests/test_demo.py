@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_corpus
+from fastserve.pipeline.testing import write_corpus
+
+from conftest import run_cli
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 

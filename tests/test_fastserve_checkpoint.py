@@ -9,8 +9,8 @@ from fastserve.pipeline.config import ModelConfig, TaskConfig
 from fastserve.pipeline.errors import ModelError
 from fastserve.pipeline.models.checkpoint import load_checkpoint
 from fastserve.pipeline.tasks import get_task
-
-from tiny_models import build_fastserve_gpt, sample_texts
+from fastserve.pipeline.testing import sample_texts
+from fastserve.pipeline.testing.models import build_fastserve_gpt
 
 
 @pytest.fixture(scope="module")

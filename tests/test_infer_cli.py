@@ -10,8 +10,9 @@ import pytest
 
 from fastserve.pipeline import schemas
 from fastserve.pipeline.manifest import RunDir
+from fastserve.pipeline.testing import infer_args, write_corpus
 
-from conftest import run_cli, write_corpus
+from conftest import run_cli
 from reference import pipeline_sentiment
 
 
@@ -26,17 +27,7 @@ def test_sentiment_over_a_folder_equals_the_reference(tmp_path, classifier):
     files = write_corpus(tmp_path / "corpus", n_files=3, rows=40)
     out = tmp_path / "out"
     proc = run_cli(
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        classifier,
-        "--input",
-        tmp_path / "corpus",
-        "--output",
-        out,
-        "--workers",
-        "2",
+        *infer_args(classifier, out, tmp_path / "corpus", workers=2),
         "--batch-size",
         "8",
         "--keep-column",
@@ -89,17 +80,7 @@ def test_integer_ids_are_written_as_strings(tmp_path, classifier):
     corpus.mkdir()
     pq.write_table(pa.table({"id": [7, 8], "text": ["good", "bad"]}), corpus / "a.parquet")
     run_cli(
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        classifier,
-        "--input",
-        corpus,
-        "--output",
-        tmp_path / "out",
-        "--workers",
-        "1",
+        *infer_args(classifier, tmp_path / "out", corpus),
         check=True,
     )
     assert pq.read_table(tmp_path / "out").column("id").to_pylist() == ["7", "8"]
@@ -114,15 +95,7 @@ def test_running_scheduler_is_used(tmp_path, classifier):
     ) as cluster:
         with Client(cluster) as client:
             run_cli(
-                "infer",
-                "--task",
-                "sentiment",
-                "--model",
-                classifier,
-                "--input",
-                tmp_path / "corpus",
-                "--output",
-                tmp_path / "out",
+                *infer_args(classifier, tmp_path / "out", tmp_path / "corpus"),
                 "--scheduler-address",
                 cluster.scheduler_address,
                 check=True,
@@ -147,17 +120,7 @@ def assert_clear_error(proc, *needles):
 
 def infer(tmp_path, classifier, corpus, **extra):
     args = [
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        extra.pop("model", classifier),
-        "--input",
-        corpus,
-        "--output",
-        tmp_path / "out",
-        "--workers",
-        "1",
+        *infer_args(extra.pop("model", classifier), tmp_path / "out", corpus),
     ]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", v]

@@ -13,15 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import read_sorted, run_cli, start_cli, wait_for, write_corpus
-from tiny_models import build_classifier, sample_texts
+from fastserve.pipeline.testing import infer_args, sample_texts, write_corpus
+from fastserve.pipeline.testing.models import build_classifier
+
+from conftest import read_sorted, run_cli, start_cli, wait_for
 
 
 def infer(model, out, *inputs, extra=(), **kw):
-    args = ["infer", "--task", "sentiment", "--model", model, "--output", out, "--workers", "1"]
-    for i in inputs:
-        args += ["--input", i]
-    return run_cli(*args, *extra, **kw)
+    return run_cli(*infer_args(model, out, *inputs, extra=extra), **kw)
 
 
 def write(path, ids, texts, **kw):
@@ -100,19 +99,7 @@ def test_array_tasks_judge_duplicates_over_every_pending_shard(tmp_path, classif
     assert any(a != b for a, b in zip(owner, owner[1:], strict=False))  # the test's premise
     procs = [
         start_cli(
-            "infer",
-            "--task",
-            "sentiment",
-            "--model",
-            classifier,
-            "--input",
-            c,
-            "--output",
-            out,
-            "--workers",
-            "1",
-            "--shard-rows",
-            "10",
+            *infer_args(classifier, out, c, extra=["--shard-rows", "10"]),
             env={
                 "SLURM_ARRAY_TASK_ID": str(k),
                 "SLURM_ARRAY_TASK_COUNT": "2",
@@ -183,14 +170,13 @@ def test_a_file_rewritten_at_the_same_size_mid_run_is_redone_not_mixed(tmp_path,
     f = write(c / "a.parquet", ids, a, **same)
     write(tmp_path / "b" / "a.parquet", ids, b, **same)
     assert (tmp_path / "b" / "a.parquet").stat().st_size == f.stat().st_size
-    args = ["infer", "--task", "sentiment", "--model", classifier, "--input", c,
-            "--shard-rows", "100", "--workers", "2"]  # fmt: skip
-    proc = start_cli(*args, "--output", out)
+    args = infer_args(classifier, out, c, workers=2, extra=["--shard-rows", "100"])
+    proc = start_cli(*args)
     wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2, timeout=120, what="2 shards")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     shutil.copyfile(tmp_path / "b" / "a.parquet", f)  # version B, same name, same size
-    rerun = run_cli(*args, "--output", out, check=True)
+    rerun = run_cli(*args, check=True)
     assert "changed" in rerun.stderr  # the old version's shards were withdrawn, and said so
     run_cli(*args[:6], tmp_path / "b", *args[7:], "--output", ref, check=True)
     assert_same_results(out, ref)  # no row of the old version
@@ -360,7 +346,7 @@ def test_planning_gives_way_to_a_stop(tmp_path):
 
 
 def test_generate_leaves_room_for_new_tokens_under_max_length(tmp_path):
-    from tiny_models import build_gpt2
+    from fastserve.pipeline.testing.models import build_gpt2
 
     model = build_gpt2(tmp_path / "gpt2")  # 128 positions
     write(tmp_path / "c" / "p.parquet", ["p0"], [" ".join(["the movie was great"] * 60)])
@@ -401,8 +387,7 @@ def test_run_folder_trouble_is_one_clear_message(tmp_path, classifier):
 def test_a_full_disk_fails_cleanly_and_a_rerun_finishes(tmp_path, classifier):
     c, out = tmp_path / "c", tmp_path / "out"
     write_corpus(c, n_files=3, rows=200)
-    args = ["infer", "--task", "sentiment", "--model", classifier, "--input", c, "--output", out,
-            "--workers", "1", "--shard-rows", "200"]  # fmt: skip
+    args = infer_args(classifier, out, c, extra=["--shard-rows", "200"])
 
     def small_files():  # every file this process tree writes stops at 4 KB: a full disk's EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -426,7 +411,7 @@ def test_a_full_disk_fails_cleanly_and_a_rerun_finishes(tmp_path, classifier):
 
 
 def test_overwrite_is_refused_while_another_run_uses_the_folder(tmp_path):
-    from tiny_models import build_gpt2
+    from fastserve.pipeline.testing.models import build_gpt2
 
     model = build_gpt2(tmp_path / "gpt2")
     c, out = tmp_path / "c", tmp_path / "out"

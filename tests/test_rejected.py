@@ -6,8 +6,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fastserve.pipeline.testing import infer_args, sample_texts
+
 from conftest import read_sorted, run_cli
-from tiny_models import sample_texts
 
 LONG = " ".join(["wonderful"] * 200)  # far over the tiny model's 64 tokens
 
@@ -56,17 +57,7 @@ def test_every_bad_row_kind_is_accounted_for(tmp_path, classifier):
 
     out = tmp_path / "out"
     proc = run_cli(
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        classifier,
-        "--input",
-        c,
-        "--output",
-        out,
-        "--workers",
-        "2",
+        *infer_args(classifier, out, c, workers=2),
         "--shard-rows",
         "50",
         "--on-long",
@@ -114,17 +105,7 @@ def test_every_bad_row_kind_is_accounted_for(tmp_path, classifier):
 def test_long_text_truncated_by_default_and_flagged(tmp_path, classifier):
     write(tmp_path / "c" / "a.parquet", ["x", "y"], [LONG, "short"])
     run_cli(
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        classifier,
-        "--input",
-        tmp_path / "c",
-        "--output",
-        tmp_path / "out",
-        "--workers",
-        "1",
+        *infer_args(classifier, tmp_path / "out", tmp_path / "c"),
         check=True,
     )
     t = read_sorted(tmp_path / "out")

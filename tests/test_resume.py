@@ -8,7 +8,9 @@ import stat
 import psutil
 import pytest
 
-from conftest import read_sorted, run_cli, start_cli, wait_for, write_corpus
+from fastserve.pipeline.testing import infer_args, write_corpus
+
+from conftest import read_sorted, run_cli, start_cli, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -18,29 +20,14 @@ def corpus(tmp_path_factory):
     return c
 
 
-def infer_args(model, corpus, out, *extra):
-    return [
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        model,
-        "--input",
-        corpus,
-        "--output",
-        out,
-        "--workers",
-        "2",
-        "--shard-rows",
-        "150",
-        *extra,
-    ]
+def resume_args(model, corpus, out, *extra):
+    return infer_args(model, out, corpus, workers=2, extra=["--shard-rows", "150", *extra])
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, corpus, classifier):
     out = tmp_path_factory.mktemp("ref") / "out"
-    run_cli(*infer_args(classifier, corpus, out), check=True)
+    run_cli(*resume_args(classifier, corpus, out), check=True)
     return out
 
 
@@ -78,7 +65,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(
     tmp_path, corpus, classifier, uninterrupted, when
 ):
     out = tmp_path / "out"
-    args = infer_args(classifier, corpus, out)
+    args = resume_args(classifier, corpus, out)
     if when == "before_success":
         # Everything written but the marker: the state a kill after the last record leaves.
         run_cli(*args, check=True)
@@ -110,17 +97,7 @@ def test_worker_killed_mid_shard_is_retried_and_written_once(tmp_path, classifie
     ) as cluster:
         with Client(cluster) as client:
             proc = start_cli(
-                "infer",
-                "--task",
-                "sentiment",
-                "--model",
-                classifier,
-                "--input",
-                c,
-                "--output",
-                out,
-                "--shard-rows",
-                "2000",
+                *infer_args(classifier, out, c, extra=["--shard-rows", "2000"]),
                 "--scheduler-address",
                 cluster.scheduler_address,
             )
@@ -143,7 +120,7 @@ def test_worker_killed_mid_shard_is_retried_and_written_once(tmp_path, classifie
 
 def test_sigterm_drains_and_exits_resumable(tmp_path, corpus, classifier, uninterrupted):
     out = tmp_path / "out"
-    args = infer_args(classifier, corpus, out)
+    args = resume_args(classifier, corpus, out)
     proc = start_cli(*args)
     wait_for(lambda: len(records(out)) >= 1, what="a shard complete")
     proc.send_signal(signal.SIGTERM)
@@ -163,16 +140,17 @@ def test_other_config_is_refused_unless_overwrite(tmp_path, corpus, classifier, 
 
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
-    proc = run_cli(*infer_args(classifier, corpus, out, "--on-long", "reject"))
+    proc = run_cli(*resume_args(classifier, corpus, out, "--on-long", "reject"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "task.on_long: 'truncate' -> 'reject'" in proc.stderr and "--overwrite" in proc.stderr
-    run_cli(*infer_args(classifier, corpus, out, "--on-long", "reject", "--overwrite"), check=True)
+    run_cli(*resume_args(classifier, corpus, out, "--on-long", "reject", "--overwrite"), check=True)
     run = json.loads((out / "_manifest" / "run.json").read_text())
     assert run["fingerprint"]["fields"]["task.on_long"] == "reject"
     assert len(list((out / "_manifest" / "runs").glob("*.json"))) == 1  # started afresh
     # batch size and worker count are not part of the fingerprint: a rerun with them resumes
     again = run_cli(
-        *infer_args(classifier, corpus, out, "--on-long", "reject", "--batch-size", "3"), check=True
+        *resume_args(classifier, corpus, out, "--on-long", "reject", "--batch-size", "3"),
+        check=True,
     )
     assert "12 already complete, 0 to do" in again.stderr
 
@@ -181,19 +159,7 @@ def test_new_input_files_are_picked_up_incrementally(tmp_path, classifier):
     c = tmp_path / "c"
     write_corpus(c, n_files=2, rows=50)
     out = tmp_path / "out"
-    args = [
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        classifier,
-        "--input",
-        c,
-        "--output",
-        out,
-        "--workers",
-        "1",
-    ]
+    args = infer_args(classifier, out, c)
     run_cli(*args, check=True)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     write_corpus(c / "day2", n_files=1, rows=50, seed=100, prefix="day2")  # day2/part-000.parquet
@@ -219,17 +185,7 @@ def test_output_files_follow_the_umask(tmp_path, classifier):
     write_corpus(c, n_files=1, rows=5)
     out = tmp_path / "out"
     proc = start_cli(
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        classifier,
-        "--input",
-        c,
-        "--output",
-        out,
-        "--workers",
-        "1",
+        *infer_args(classifier, out, c),
         preexec_fn=lambda: os.umask(0o027),
     )
     assert proc.wait(timeout=300) == 0, proc.stderr.read()

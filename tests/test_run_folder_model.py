@@ -29,8 +29,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from fastserve.pipeline.testing import WORDS
+from fastserve.pipeline.testing.models import build_classifier
+
 from conftest import start_cli
-from tiny_models import WORDS, build_classifier
 
 settings.register_profile(
     "ci",

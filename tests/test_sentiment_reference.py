@@ -4,9 +4,9 @@ import pytest
 
 from fastserve.pipeline.config import ModelConfig, TaskConfig
 from fastserve.pipeline.tasks.sentiment import SentimentTask
+from fastserve.pipeline.testing import sample_texts
 
 from reference import pipeline_sentiment
-from tiny_models import sample_texts
 
 
 def assert_same(out, ref, indices):

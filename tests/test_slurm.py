@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from conftest import read_sorted, run_cli, write_corpus
+from fastserve.pipeline.testing import write_corpus
+
+from conftest import read_sorted, run_cli
 
 pytestmark = pytest.mark.slurm
 
@@ -201,7 +203,7 @@ def test_array_job_writes_every_row_once(tmp_path, classifier, slurm_cluster):
 @pytest.fixture
 def slow_job(tmp_path, tmp_path_factory, slurm_cluster):
     """A generation job of 16 one-second shards: slow enough to interrupt mid-way."""
-    from tiny_models import build_gpt2
+    from fastserve.pipeline.testing.models import build_gpt2
 
     model = build_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
     write_corpus(tmp_path / "corpus", n_files=16, rows=10)

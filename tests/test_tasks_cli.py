@@ -6,10 +6,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from fastserve.pipeline import schemas
+from fastserve.pipeline.testing import sample_texts, toml_text
+from fastserve.pipeline.testing.models import build_bart, build_encoder, build_fastserve_gpt
 
 from conftest import read_sorted, run_cli
 from reference import hf_embed, hf_translate
-from tiny_models import build_bart, build_encoder, build_fastserve_gpt, sample_texts
 
 
 def corpus(folder, n_files=3, rows=20, **columns):
@@ -105,7 +106,7 @@ def test_translate_end_to_end_equals_the_reference(tmp_path):
         "--workers",
         "2",
         "--config",
-        _toml(tmp_path, num_beams=2, max_new_tokens=10),
+        _task_file(tmp_path, num_beams=2, max_new_tokens=10),
     )
     got = read_sorted(tmp_path / "out")
     assert_declared_schema(tmp_path / "out", "translate")
@@ -129,7 +130,7 @@ def test_embed_end_to_end_equals_the_reference(tmp_path):
         "--workers",
         "2",
         "--config",
-        _toml(tmp_path, normalize=True),
+        _task_file(tmp_path, normalize=True),
     )
     got = read_sorted(tmp_path / "out")
     assert_declared_schema(tmp_path / "out", "embed")
@@ -150,7 +151,7 @@ def test_a_missing_per_row_column_is_a_clear_error(tmp_path):
         c,
         tmp_path / "out",
         "--config",
-        _toml(tmp_path, max_new_tokens_column="limit"),
+        _task_file(tmp_path, max_new_tokens_column="limit"),
         check=False,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -175,10 +176,7 @@ def test_a_model_of_the_wrong_kind_is_a_clear_error(tmp_path, classifier, task):
     )
 
 
-def _toml(tmp_path, **task):
-    def value(v):
-        return str(v).lower() if isinstance(v, bool) else repr(v).replace("'", '"')
-
+def _task_file(tmp_path, **task):
     p = tmp_path / "task.toml"
-    p.write_text("[task]\n" + "".join(f"{k} = {value(v)}\n" for k, v in task.items()))
+    p.write_text(toml_text({"task": task}))
     return p

@@ -7,9 +7,10 @@ from transformers import AutoTokenizer
 
 from fastserve.pipeline.config import ModelConfig, TaskConfig
 from fastserve.pipeline.tasks import get_task
+from fastserve.pipeline.testing import sample_texts
+from fastserve.pipeline.testing.models import build_bart, build_encoder, build_gpt2
 
 from reference import hf_embed, hf_generate, hf_translate
-from tiny_models import build_bart, build_encoder, build_gpt2, sample_texts
 
 
 @pytest.fixture(scope="module")

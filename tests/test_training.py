@@ -14,7 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import read_sorted, run_cli, wait_for, write_corpus
+from fastserve.pipeline.testing import infer_args, write_corpus
+
+from conftest import read_sorted, run_cli, wait_for
 
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
@@ -290,6 +292,7 @@ def _gen_toml(workdir):
 
 API_SCRIPT = """
 import json, sys
+from fastserve.pipeline.testing import infer_args, write_corpus
 from fastserve.pipeline.distributed.api import DistributedModel
 from fastserve.pipeline.models.gpt import GPT, GPTConfig
 import torch
@@ -364,17 +367,7 @@ def test_classifier_pipeline_equals_single_learns_and_serves_sentiment(workdir):
     assert last["val_accuracy"] > 0.9
     # the export serves `infer --task sentiment`, with the corpus's own labels
     run_cli(
-        "infer",
-        "--task",
-        "sentiment",
-        "--model",
-        workdir / "clf-pp" / "export",
-        "--input",
-        workdir / "labeled",
-        "--output",
-        workdir / "clf-out",
-        "--workers",
-        "1",
+        *infer_args(workdir / "clf-pp" / "export", workdir / "clf-out", workdir / "labeled"),
         check=True,
     )
     out = read_sorted(workdir / "clf-out")

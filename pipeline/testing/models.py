@@ -1,20 +1,12 @@
-"""Tiny models and tokenizers built from configs: the tests never reach a hub."""
+"""Tiny models and tokenizers built from configs: the tests, benchmarks and the demo never reach
+a hub. Each builder writes a Hugging Face folder (config, safetensors, tokenizer) and returns it.
+"""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-WORDS = (
-    "the movie was great terrible plot and bad acting i loved it not good at all wonderful "
-    "boring product arrived late works fine would buy again broken on day one excellent value "
-    "cheap poor quality happy with this purchase disappointed never again five stars"
-).split()
-
-
-def sample_texts(n: int, seed: int = 0, min_words: int = 1, max_words: int = 30) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(min_words, max_words))) for _ in range(n)]
+from . import sample_texts
 
 
 def build_tokenizer(folder: Path, model_max_length: int = 64):
