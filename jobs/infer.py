@@ -6,17 +6,18 @@ fastserve infer --config job.toml --workers 4
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
 import click
 
 from fastserve.pipeline.config import DEVICES, DTYPES, EXECUTORS, ON_LONG, TASKS, load_job
-from fastserve.pipeline.executors import client_role, executor_for
+from fastserve.pipeline.executors import launch
 from fastserve.pipeline.infer import Stop, run_infer
+from fastserve.pipeline.slurm_env import SlurmEnv
 
 from .progress import Progress
+from .sbatch import LAUNCH_TABLES
 
 
 def _overrides(**flags) -> dict:
@@ -109,15 +110,14 @@ def infer(config_file, **flags) -> None:
 
     Rerunning the same command resumes: finished shards are skipped, new input files are done.
     """
-    job = load_job(config_file, _overrides(**flags))
-    # executor slurm/mpi: the scheduler's and workers' tasks stay inside client_role until the
-    # client is done; whatever way the client ends (an error before it ever connected included),
-    # they end too, so the step ends with the client's exit code
-    with client_role(job.cluster):
-        _run(job)
+    job = load_job(config_file, _overrides(**flags), other_tables=LAUNCH_TABLES)
+    # executor slurm/mpi: the scheduler's and workers' tasks never enter the `with` body; the
+    # client's does, and whatever way it ends, they end too (the step ends with its exit code)
+    with launch(job.cluster) as executor_factory:
+        _run(job, executor_factory)
 
 
-def _run(job) -> None:
+def _run(job, executor_factory) -> None:
     progress = Progress()
     stop = Stop()
 
@@ -135,19 +135,15 @@ def _run(job) -> None:
         signal.signal(sig, on_signal)
     # Slurm facts: an array task does its share of the shards, and the job id is kept in the
     # run's entry (_manifest/runs/) for `fastserve status`.
-    env = os.environ
-    share = (0, 1)
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        share = (int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
-    launcher = {"slurm_job_id": env["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in env else {}
+    slurm = SlurmEnv.read()
+    launcher = {"slurm_job_id": slurm.job_id} if slurm.job_id else {}
     summary = run_infer(
         job,
-        executor_for(job.cluster),
+        executor_factory,
         on_shard=progress.shard,
         on_start=progress.start,
         stop=stop,
-        share=share,
+        share=slurm.share,
         launcher=launcher,
     )
     progress.finish(summary)

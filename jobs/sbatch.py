@@ -1,7 +1,8 @@
-"""sbatch scripts rendered by one pure function, and the one seam that runs Slurm's commands.
+"""A job file's [slurm] table (SlurmConfig) and the sbatch script rendered from it by one pure
+function, over one template (`slurm/job.sbatch`, the requeue loop) for infer and train alike.
 
     script = render("infer", SlurmConfig(nodes=2, time="04:00:00"), "job.toml")
-    job_id = sbatch(script_path)
+    job = submit_script(path)          # jobs/slurm_job.py: a SlurmJob (state / wait / cancel)
 
 The job file's [slurm] table becomes `#SBATCH` directives (sorted), the `setup` lines, and a
 command with every value shell-quoted. Values are validated: a misspelled key lists the valid
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-from dataclasses import dataclass, fields
+import signal
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 
-from fastserve.pipeline.config import _build
-from fastserve.pipeline.errors import ConfigError, UserError
+from fastserve.pipeline.config import build_config
+from fastserve.pipeline.errors import ConfigError
+
+# The job file's tables that are the launcher's, not the run's: load_job leaves them out.
+LAUNCH_TABLES = ("slurm",)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class SlurmConfig:
     """Shell lines run before the command: module loads, a venv activation. One line each."""
 
 
+# An infer job's tasks per node when none are given: scheduler, client, one worker.
+INFER_TASKS = 3
+
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
@@ -69,7 +76,7 @@ _WORD = re.compile(r"^[A-Za-z0-9._,:@%/+=-]+$")
 
 def slurm_config(table: dict, where: str) -> SlurmConfig:
     """The [slurm] table as a SlurmConfig; a misspelled key is an error listing the valid ones."""
-    cfg = _build(SlurmConfig, table, "slurm.", where)
+    cfg = build_config(SlurmConfig, table, "slurm.", where)
     _check(cfg, where)
     return cfg
 
@@ -119,7 +126,6 @@ def _check(cfg: SlurmConfig, where: str) -> None:
 def train_tasks(cfg: SlurmConfig, world: int, where: str) -> SlurmConfig:
     """The [slurm] table of a train job with its task count made to fit the parallel layout
     (`world` = dp x tp x pp ranks, one task each), or a ConfigError saying why it cannot."""
-    from dataclasses import replace
 
     if cfg.ntasks_per_node is None:
         if world % cfg.nodes:
@@ -137,25 +143,19 @@ def train_tasks(cfg: SlurmConfig, world: int, where: str) -> SlurmConfig:
     return cfg
 
 
-def check_fits(cfg: SlurmConfig, where: str) -> None:
+def check_fits(cfg: SlurmConfig, node_cpus: list[int], where: str) -> None:
     """Refuse a job its partition can never run (it would stay pending for good): more tasks x
-    CPUs per node than any node of the partition has, without overcommit. Asks `sinfo`."""
-    import shutil
-
-    if cfg.overcommit or shutil.which("sinfo") is None:
+    CPUs per node than any node of the partition has (`node_cpus`, from sinfo), without
+    overcommit. Nothing known (no nodes listed): sbatch decides."""
+    if cfg.overcommit or not node_cpus:
         return
-    args = ["sinfo", "-h", "-N", "-o", "%c"] + (["-p", cfg.partition] if cfg.partition else [])
-    proc = run_slurm(args, check=False)
-    cpus = [int(x) for x in proc.stdout.split() if x.isdigit()] if proc.returncode == 0 else []
-    if not cpus:
-        return  # nothing known: let sbatch decide
-    need = (cfg.ntasks_per_node or 3) * (cfg.cpus_per_task or 1)
-    if need > max(cpus):
+    tasks, cpus = cfg.ntasks_per_node or INFER_TASKS, cfg.cpus_per_task or 1
+    if tasks * cpus > max(node_cpus):
         raise ConfigError(
-            f"{where}: {cfg.ntasks_per_node or 3} tasks x {cfg.cpus_per_task or 1} CPUs per node, but "
-            f"the nodes of {'partition ' + cfg.partition if cfg.partition else 'this cluster'} have "
-            f"at most {max(cpus)} CPUs: the job would stay pending; use more nodes, fewer "
-            "ranks, or slurm.overcommit = true"
+            f"{where}: {tasks} tasks x {cpus} CPUs per node, but the nodes of "
+            f"{'partition ' + cfg.partition if cfg.partition else 'this cluster'} have at most "
+            f"{max(node_cpus)} CPUs: the job would stay pending; use more nodes, fewer ranks, or "
+            "slurm.overcommit = true"
         )
 
 
@@ -169,7 +169,7 @@ def directives(kind: str, cfg: SlurmConfig) -> list[str]:
         "signal": f"B:USR1@{cfg.signal_grace_s}",
         "open-mode": "append",  # a requeued job adds to its log instead of replacing it
     }
-    per_node = cfg.ntasks_per_node or 3
+    per_node = cfg.ntasks_per_node or INFER_TASKS
     if cfg.overcommit:  # Slurm refuses --ntasks-per-node above the node's CPUs, even overcommitted
         opts["ntasks"] = str(cfg.nodes * per_node)
     else:
@@ -197,14 +197,51 @@ def directives(kind: str, cfg: SlurmConfig) -> list[str]:
     return [f"#SBATCH {f}" for f in sorted(flags)]
 
 
+@dataclass(frozen=True)
+class Kind:
+    """What differs between an infer and a train job script; the rest is `slurm/job.sbatch`."""
+
+    what: str
+    step: str
+    """The srun line, {fastserve} and {job} filled in (the job file's path, shell-quoted)."""
+    stop_code: int
+    """The exit code with which the step says "stopped at the time-limit warning: requeue me"."""
+    on_warning: str
+    roles: str
+    cleanup: str = ""
+
+
+KINDS = {
+    "infer": Kind(
+        what="batch inference",
+        step="srun {fastserve} infer --config {job} --executor slurm",
+        stop_code=128 + signal.SIGUSR1,  # infer exits 128 + the signal that stopped it
+        on_warning="the run takes no new shards and finishes the running ones",
+        roles="""\
+# Dask inside the allocation, started by dask-jobqueue's SLURMRunner over the step's tasks: task 0
+# the scheduler, task 1 the client that runs the job, the others the workers; they meet through a
+# scheduler file. The same script serves 1 or N nodes. A requeued job keeps its id: remove the file
+# an earlier run of it left, or the workers would look for a scheduler that is gone.
+export FASTSERVE_SCHEDULER_FILE="${SLURM_SUBMIT_DIR:-$PWD}/.fastserve-sbatch/dask-scheduler-${SLURM_JOB_ID}.json"
+mkdir -p "$(dirname "$FASTSERVE_SCHEDULER_FILE")"
+rm -f "$FASTSERVE_SCHEDULER_FILE\"""",
+        cleanup='rm -f "$FASTSERVE_SCHEDULER_FILE"',
+    ),
+    "train": Kind(
+        what="training",
+        step="srun --mpi=pmi2 --kill-on-bad-exit=1 {fastserve} train --config {job}",
+        stop_code=75,  # EX_TEMPFAIL: pipeline/training/trainer.py's REQUEUE_EXIT_CODE
+        on_warning="the ranks save a checkpoint",
+        roles="""\
+# One MPI rank per task (one per GPU where there are GPUs), started by srun with the pmi2 plugin;
+# rank 0's node holds the rendezvous.""",
+    ),
+}
+
+
 def command(kind: str, job_file: str, fastserve: str = "fastserve") -> str:
     """The step the job runs: every value shell-quoted."""
-    q = shlex.quote
-    if kind == "infer":
-        return f"srun {fastserve} infer --config {q(job_file)} --executor slurm"
-    if kind == "train":
-        return f"srun --mpi=pmi2 --kill-on-bad-exit=1 {fastserve} train --config {q(job_file)}"
-    raise ValueError(kind)
+    return KINDS[kind].step.format(fastserve=fastserve, job=shlex.quote(job_file))
 
 
 def render(
@@ -212,46 +249,21 @@ def render(
 ) -> str:
     """The whole sbatch script for `kind` (infer or train): pure, so golden files pin it.
     `after`: shell lines run once the step has ended for good (a scheduled run's next submission)."""
-    template = resources.files("fastserve.slurm").joinpath(f"{kind}.sbatch").read_text()
-    setup = "\n".join(cfg.setup) if cfg.setup else ":"
-    return (
-        template.replace("#@DIRECTIVES", "\n".join(directives(kind, cfg)))
-        .replace("#@SETUP", setup)
-        .replace("#@COMMAND", command(kind, job_file, fastserve))
-        .replace("#@MAX_REQUEUES", str(cfg.max_requeues if cfg.requeue else 0))
-        .replace("#@AFTER\n", after + "\n" if after else "")
-    )
-
-
-def run_slurm(
-    args: list[str], timeout: float | None = 60, check: bool = True
-) -> subprocess.CompletedProcess:
-    """The one seam through which FastServe runs sbatch, squeue, scontrol, scancel and sacct."""
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise UserError(
-            f"{args[0]} not found: is this a Slurm login node (and SLURM_CONF set)?"
-        ) from None
-    if check and proc.returncode != 0:
-        raise UserError(
-            f"{' '.join(args[:2])} failed: {proc.stderr.strip() or proc.stdout.strip()}"
-        )
-    return proc
-
-
-def sbatch(script_path: str, wait: bool = False, begin: str | None = None) -> tuple[str, int]:
-    """Submit a script; return (job id, exit code: the job's own with `wait`, else 0).
-    `begin`: not before this time (sbatch --begin, e.g. 2026-11-29T02:00:00)."""
-    args = [
-        "sbatch",
-        "--parsable",
-        *(["--wait"] if wait else []),
-        *([f"--begin={begin}"] if begin else []),
-        script_path,
-    ]
-    proc = run_slurm(args, timeout=None, check=False)
-    job_id = proc.stdout.strip().split(";")[0]
-    if not job_id.isdigit():
-        raise UserError(f"sbatch failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return job_id, proc.returncode
+    k = KINDS[kind]
+    template = resources.files("fastserve.slurm").joinpath("job.sbatch").read_text()
+    fill = {
+        "#@DIRECTIVES": "\n".join(directives(kind, cfg)),
+        "#@WHAT": k.what,
+        "#@KIND": kind,
+        "#@SETUP": "\n".join(cfg.setup) if cfg.setup else ":",
+        "#@ROLES": k.roles,
+        "#@ON_WARNING": k.on_warning,
+        "#@STOP_CODE": str(k.stop_code),
+        "#@COMMAND": command(kind, job_file, fastserve),
+        "#@MAX_REQUEUES": str(cfg.max_requeues if cfg.requeue else 0),
+    }
+    for mark, text in fill.items():
+        template = template.replace(mark, text)
+    for mark, text in (("#@CLEANUP\n", k.cleanup), ("#@AFTER\n", after)):
+        template = template.replace(mark, text + "\n" if text else "")
+    return template

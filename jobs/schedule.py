@@ -28,8 +28,7 @@ import click
 from fastserve.pipeline.errors import ConfigError, UserError
 from fastserve.pipeline.manifest import atomic_write_json
 
-from .sbatch import run_slurm, sbatch
-from .status import slurm_state
+from .slurm_job import SlurmJob, run_slurm, submit_script
 from .submit import fastserve_command, kind_of, prepare, write_script
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -105,12 +104,12 @@ def _read(name: str, home: str | None = None) -> dict:
 def _submit_next(entry: dict, home: str) -> dict:
     """Submit the scheduled job for its next time; record the job id in the entry."""
     begin = next_time(entry, datetime.now())
-    job_id, _ = sbatch(entry["script"], begin=begin.isoformat(timespec="seconds"))
-    entry = {**entry, "job_id": job_id, "begin": begin.isoformat(timespec="seconds")}
+    job, _ = submit_script(entry["script"], begin=begin.isoformat(timespec="seconds"))
+    entry = {**entry, "job_id": job.job_id, "begin": begin.isoformat(timespec="seconds")}
     path = _entry_path(entry["name"], home)
     if not path.exists():  # removed meanwhile (fastserve schedule --remove): undo
-        run_slurm(["scancel", job_id], check=False)
-        raise UserError(f"schedule {entry['name']} was removed; job {job_id} cancelled")
+        job.cancel()
+        raise UserError(f"schedule {entry['name']} was removed; job {job} cancelled")
     atomic_write_json(path, entry)
     return entry
 
@@ -201,7 +200,7 @@ def schedule(job_file, cron, every, name, list_, remove, via, dry_run, resubmit,
             ' || echo "fastserve: could not submit the next scheduled run"'
         )
     )
-    script = prepare("infer", job_file, after=after, check_cluster=True)
+    script = prepare("infer", job_file, after=after, check_cluster=not dry_run)  # as submit does
     if "#SBATCH --array=" in script:
         raise ConfigError(f"{job_file}: a scheduled job takes no slurm.array")
     if dry_run:
@@ -238,7 +237,7 @@ def _list(home: str) -> None:
     for e in entries:
         when = f"cron '{e['cron']}'" if e.get("cron") else f"every {e['every_s']}s"
         nxt = (
-            f"next job {e['job_id']} at {e['begin']} ({slurm_state(e['job_id'])})"
+            f"next job {e['job_id']} at {e['begin']} ({SlurmJob(e['job_id']).state()})"
             if e.get("job_id")
             else "via scrontab"
         )
@@ -251,5 +250,5 @@ def _remove(name: str, home: str) -> None:
     if entry.get("via") == "scrontab":
         _scrontab(name, None, None, entry["script"])
     elif entry.get("job_id"):
-        run_slurm(["scancel", "--state=PENDING", entry["job_id"]], check=False)
+        SlurmJob(entry["job_id"]).cancel(pending_only=True)
     click.echo(f"schedule {name} removed")

@@ -5,7 +5,6 @@ fastserve status out/
 
 from __future__ import annotations
 
-import re
 import time
 
 import click
@@ -14,6 +13,8 @@ from fastserve.pipeline.counts import Counts
 from fastserve.pipeline.errors import UserError
 from fastserve.pipeline.ledger import complete_records, read_ledger
 from fastserve.pipeline.manifest import RunDir
+
+from .slurm_job import SlurmJob
 
 
 @click.command()
@@ -70,26 +71,4 @@ def status(output: str) -> None:
         click.echo(f"withdrawn    {len(ledger.retracted)} shard(s) (changed files, re-planned)")
     jobs = [r["slurm_job_id"] for r in runs if r.get("slurm_job_id")]
     for job_id in dict.fromkeys(jobs):
-        click.echo(f"slurm job   {job_id}: {slurm_state(job_id)}")
-
-
-def slurm_state(job_id: str) -> str:
-    """The job's state from scontrol (while Slurm remembers it: MinJobAge), else sacct."""
-    import shutil
-
-    from .sbatch import run_slurm
-
-    if shutil.which("scontrol"):
-        out = run_slurm(["scontrol", "show", "job", "-o", job_id], check=False).stdout
-        m = re.search(r"JobState=(\S+)", out)
-        if m:
-            code = re.search(r"ExitCode=(\S+)", out)
-            return m.group(1) + (f" (exit {code.group(1)})" if code else "")
-    if shutil.which("sacct"):
-        out = run_slurm(
-            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"], check=False
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            state, code = out.stdout.strip().splitlines()[0].split("|")
-            return f"{state} (exit {code})"
-    return "unknown (Slurm no longer remembers it and has no accounting here)"
+        click.echo(f"slurm job   {job_id}: {SlurmJob(job_id).state()}")

@@ -18,7 +18,8 @@ from fastserve.pipeline.errors import ConfigError
 from fastserve.pipeline.training.config import PATH_KEYS as TRAIN_PATH_KEYS
 from fastserve.pipeline.training.config import load_train_job
 
-from .sbatch import check_fits, render, sbatch, slurm_config, train_tasks
+from .sbatch import LAUNCH_TABLES, check_fits, render, slurm_config, train_tasks
+from .slurm_job import node_cpus, submit_script
 
 
 def kind_of(job_file: str) -> str:
@@ -53,12 +54,13 @@ def prepare(
         raise ConfigError(
             f"{job_file}: slurm.array splits an inference run; a train job takes none"
         )
-    job = (load_job if kind == "infer" else load_train_job)(job_file)  # the job must be valid
+    load = load_job if kind == "infer" else load_train_job
+    job = load(job_file, other_tables=LAUNCH_TABLES)  # the job must be valid
     if kind == "train":
         p = job.parallel
         cfg = train_tasks(cfg, p.dp * p.tp * p.pp, job_file)
     if check_cluster:
-        check_fits(cfg, job_file)
+        check_fits(cfg, node_cpus(cfg.partition), job_file)
     return render(kind, cfg, str(Path(job_file).resolve()), fastserve_command(), after)
 
 
@@ -96,7 +98,8 @@ def submit(kind: str, job_files: tuple[str, ...], dry_run: bool, wait: bool) -> 
             click.echo(script, nl=False)
             continue
         last = i == len(job_files) - 1
-        previous, code = sbatch(str(write_script(k, job_file, script)), wait=wait and last)
+        job, code = submit_script(str(write_script(k, job_file, script)), wait=wait and last)
+        previous = job.job_id
         click.echo(previous)
         if code:
             click.secho(f"job {previous} ended with exit code {code}", err=True, fg="red")

@@ -18,6 +18,8 @@ import click
 
 from fastserve.pipeline.training.config import load_train_job
 
+from .sbatch import LAUNCH_TABLES
+
 
 def _overrides(data, output, steps) -> dict:
     out: dict = {}
@@ -91,7 +93,7 @@ def plan_text(job) -> str:
 )
 def train(config_file, data, output, steps, dry_run) -> None:
     """Train a language model with pipeline, tensor and data parallelism over MPI ranks."""
-    job = load_train_job(config_file, _overrides(data, output, steps))
+    job = load_train_job(config_file, _overrides(data, output, steps), other_tables=LAUNCH_TABLES)
     if dry_run:
         click.echo(plan_text(job))
         return

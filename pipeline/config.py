@@ -194,7 +194,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     return float(value) if tp is float else value
 
 
-def _build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
+def build_config(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
+    """A config dataclass from a table (nested tables for nested dataclasses), every value
+    type-checked; an unknown key is an error naming the valid ones (`prefix` + name)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -207,7 +209,7 @@ def _build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{full}' must be a table ([{full}])")
-            kwargs[key] = _build(tp, value, f"{full}.", where)
+            kwargs[key] = build_config(tp, value, f"{full}.", where)
         else:
             kwargs[key] = _coerce(value, tp, full, where)
     return cls(**kwargs)
@@ -248,19 +250,26 @@ def read_job_file(path: str | os.PathLike, path_keys=INFER_PATH_KEYS) -> dict[st
     return raw
 
 
-def load_config(cls: type, job_file, overrides: dict | None, path_keys, check) -> Any:
-    """Build `cls` from an optional job file and flag overrides (nested dicts), then `check` it."""
+def load_config(
+    cls: type, job_file, overrides: dict | None, path_keys, check, other_tables=()
+) -> Any:
+    """Build `cls` from an optional job file and flag overrides (nested dicts), then `check` it.
+    `other_tables`: tables of the job file that belong to the caller (the CLI's launcher: [slurm]),
+    left out here."""
     raw = read_job_file(job_file, path_keys) if job_file else {}
-    raw.pop("slurm", None)  # the [slurm] table is `fastserve submit`'s (jobs/sbatch.py)
+    for name in other_tables:
+        raw.pop(name, None)
     where = str(job_file) if job_file else "command line"
-    cfg = _build(cls, _merge(raw, overrides or {}), "", where)
+    cfg = build_config(cls, _merge(raw, overrides or {}), "", where)
     check(cfg, where)
     return cfg
 
 
-def load_job(job_file: str | os.PathLike | None = None, overrides: dict | None = None) -> JobConfig:
+def load_job(
+    job_file: str | os.PathLike | None = None, overrides: dict | None = None, other_tables=()
+) -> JobConfig:
     """Build and validate an infer JobConfig from an optional job file and flag overrides."""
-    return load_config(JobConfig, job_file, overrides, INFER_PATH_KEYS, validate)
+    return load_config(JobConfig, job_file, overrides, INFER_PATH_KEYS, validate, other_tables)
 
 
 def validate(cfg: JobConfig, where: str = "config") -> None:

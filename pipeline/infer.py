@@ -2,8 +2,8 @@
 
     summary = run_infer(job, dask_executor)
 
-Executor-agnostic: `executor_factory(cluster_cfg)` is a context manager giving an object with
-`map_unordered(fn, items, key=..., stop=..., **kwargs)` and `threads` (pipeline/executors.py).
+Executor-agnostic: `executor_factory(cluster_cfg)` is a context manager giving an Executor
+(`map_unordered`, `on_each_worker`, `threads`: the protocol in pipeline/executors).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .checks import check_job, check_output_place
 from .config import JobConfig
@@ -27,6 +28,9 @@ from .ledger import Plan, extend, read_ledger, remove_withdrawn
 from .manifest import RunDir, atomic_write_bytes, atomic_write_json
 from .plan import Shard
 from .runner import ShardResult, is_complete, run_shard, warm, write_error
+
+if TYPE_CHECKING:
+    from .executors import ExecutorFactory
 
 
 class Stop:
@@ -74,7 +78,7 @@ def owns(shard_id: str, share: tuple[int, int]) -> bool:
 
 def run_infer(
     job: JobConfig,
-    executor_factory: Callable,
+    executor_factory: ExecutorFactory,
     on_shard: Callable[[ShardResult, RunSummary], None] | None = None,
     on_start: Callable[[RunSummary, int], None] | None = None,
     stop: Stop | None = None,

@@ -103,7 +103,7 @@ class _Pattern:
         return len(self.parts) in states
 
 
-def _glob(pattern: str, should_stop: Callable[[], bool] | None) -> list[str]:
+def glob_files(pattern: str, should_stop: Callable[[], bool] | None) -> list[str]:
     root = _glob_root(pattern)
     pat = _Pattern(Path(pattern).parts[len(Path(root).parts) if root != "." else 0 :])
     states = {root: pat.start()}
@@ -137,7 +137,7 @@ def resolve_inputs(
 
     for spec in paths:
         if _has_magic(spec):
-            matches = _glob(spec, should_stop)
+            matches = glob_files(spec, should_stop)
             if not matches:
                 raise InputError(f"input pattern {spec!r} matches no file; check the path")
             for m in matches:

@@ -320,7 +320,7 @@ def test_symlink_loops_neither_hang_nor_crash(tmp_path, classifier):
 def test_the_glob_walker_matches_what_python_glob_matches(tmp_path):
     import glob
 
-    from fastserve.pipeline.inputs import _glob
+    from fastserve.pipeline.inputs import glob_files
 
     for rel in ["a.parquet", "x/b.parquet", "x/y/c.parquet", ".h/d.parquet", "x/.e.parquet",
                 "_u/f.parquet", "x/y/z/g.txt", "k.parquet.bak"]:  # fmt: skip
@@ -330,7 +330,7 @@ def test_the_glob_walker_matches_what_python_glob_matches(tmp_path):
                     "**", "**/y/*", "[ax]*", "x/?/*.parquet", ".h/*"]:  # fmt: skip
         full = f"{tmp_path}/{pattern}"
         want = sorted(m for m in glob.glob(full, recursive=True) if os.path.isfile(m))
-        assert sorted(_glob(full, None)) == want, pattern
+        assert sorted(glob_files(full, None)) == want, pattern
 
 
 def test_planning_gives_way_to_a_stop(tmp_path):

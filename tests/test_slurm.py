@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from fastserve.jobs.slurm_job import submit_script
 from fastserve.pipeline.testing import write_corpus
 
 from conftest import read_sorted, run_cli
@@ -311,3 +312,24 @@ def test_a_schedule_runs_again_and_the_next_run_takes_only_new_files(
     assert "no schedules" in run_cli("schedule", "--list", env=env, check=True).stdout
     assert scontrol_state(pending) == "CANCELLED"
     assert read_sorted(tmp_path / "out").num_rows == 60
+
+
+def test_a_slurm_job_has_a_state_can_be_waited_for_and_cancelled(tmp_path, slurm_cluster):
+    def script(name: str, body: str) -> str:
+        path = tmp_path / f"{name}.sbatch"
+        path.write_text(
+            f"#!/bin/bash\n#SBATCH --time=00:05:00\n#SBATCH --output={tmp_path}/{name}.out\n{body}\n"
+        )
+        return str(path)
+
+    failing, code = submit_script(script("fails", "exit 3"))
+    assert code == 0  # submitted, not waited for
+    ended = failing.wait(timeout=120, every=0.5)
+    assert (ended.name, ended.exit_code, ended.ended) == ("FAILED", "3:0", True)
+    assert str(failing.state()).startswith("FAILED (exit 3:0)")
+    sleeper, _ = submit_script(script("sleeps", "sleep 300"))
+    assert not sleeper.state().ended
+    with pytest.raises(TimeoutError):
+        sleeper.wait(timeout=1, every=0.2)
+    sleeper.cancel()
+    assert sleeper.wait(timeout=120, every=0.5).name == "CANCELLED"

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from fastserve.jobs.sbatch import SlurmConfig, render, slurm_config
+from fastserve.jobs.sbatch import SlurmConfig, check_fits, render, slurm_config
+from fastserve.jobs.slurm_job import SlurmJob
 from fastserve.pipeline.errors import ConfigError
+from fastserve.pipeline.slurm_env import SlurmEnv
 
 GOLDEN = Path(__file__).parent / "golden"
 FULL = SlurmConfig(
@@ -104,3 +106,54 @@ def test_a_train_job_gets_one_task_per_rank_of_its_layout(tmp_path):
     job.write_text(TRAIN + "[slurm]\nntasks_per_node = 3\n")
     with pytest.raises(ConfigError, match="3 tasks, but parallel dp x tp x pp = 4 ranks"):
         prepare("train", str(job))
+
+
+def test_a_job_no_node_can_hold_is_refused_and_overcommit_lets_it_through():
+    four = SlurmConfig(ntasks_per_node=4, cpus_per_task=2)
+    check_fits(four, [8, 16], "job.toml")  # fits the larger node
+    with pytest.raises(ConfigError, match=r"job.toml: 4 tasks x 2 CPUs per node.*at most 4 CPUs"):
+        check_fits(four, [2, 4], "job.toml")
+    check_fits(SlurmConfig(ntasks_per_node=4, cpus_per_task=2, overcommit=True), [2], "j")
+    check_fits(four, [], "j")  # nothing known (no sinfo): sbatch decides
+
+
+def test_one_template_serves_both_kinds_and_differs_only_where_they_do():
+    infer = render("infer", SlurmConfig(ntasks_per_node=2), "/j.toml").splitlines()
+    train = render("train", SlurmConfig(ntasks_per_node=2), "/j.toml").splitlines()
+    loop = [x for x in infer if x.startswith(("  ", "while", "done", "trap", "warn", "cancel"))]
+    assert loop and loop == [
+        x.replace(" 75 ]", " 138 ]")
+        for x in train
+        if x.startswith(("  ", "while", "done", "trap", "warn", "cancel"))
+    ]
+    assert [x for x in infer if x.startswith("#SBATCH")] == [
+        x for x in train if x.startswith("#SBATCH")
+    ]
+    assert any("-eq 138 ]" in x for x in infer) and any("-eq 75 ]" in x for x in train)
+
+
+def test_slurm_job_ids_are_checked():
+    assert str(SlurmJob("123")) == "123" and SlurmJob("123_4").job_id == "123_4"
+    for bad in ("", "12;rm -rf ~", "abc", "-1"):
+        with pytest.raises(ValueError):
+            SlurmJob(bad)
+
+
+def test_the_slurm_environment_is_read_in_one_place():
+    outside = SlurmEnv.read({})
+    assert not outside.in_step and outside.share == (0, 1) and outside.job_id is None
+    env = SlurmEnv.read(
+        {
+            "SLURM_JOB_ID": "77",
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "3",
+            "SLURM_NNODES": "2",
+            "SLURM_CPUS_PER_TASK": "4",
+            "SLURM_ARRAY_TASK_ID": "12",
+            "SLURM_ARRAY_TASK_MIN": "10",
+            "SLURM_ARRAY_TASK_COUNT": "4",
+            "SLURM_RESTART_COUNT": "2",
+        }
+    )
+    assert env.in_step and (env.procid, env.ntasks, env.nnodes) == (1, 3, 2)
+    assert env.share == (2, 4) and env.cpus_per_task == 4 and env.restart_count == 2

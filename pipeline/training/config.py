@@ -195,5 +195,5 @@ def check(cfg: TrainJob, where: str) -> None:
         need(m.n_head % p.tp == 0, f"model.n_head ({m.n_head}) must divide by parallel.tp ({p.tp})")
 
 
-def load_train_job(job_file=None, overrides: dict | None = None) -> TrainJob:
-    return load_config(TrainJob, job_file, overrides, PATH_KEYS, check)
+def load_train_job(job_file=None, overrides: dict | None = None, other_tables=()) -> TrainJob:
+    return load_config(TrainJob, job_file, overrides, PATH_KEYS, check, other_tables)
