@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import re
 import shlex
-import signal
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 
 from fastserve.pipeline.config import build_config
 from fastserve.pipeline.errors import ConfigError
 
-# The job file's tables that are the launcher's, not the run's: load_job leaves them out.
+# The job file's tables that are the launcher's, not the run's: the CLI has load_job /
+# load_train_job leave them out (other_tables=LAUNCH_TABLES); Python callers pass the same.
 LAUNCH_TABLES = ("slurm",)
 
 
@@ -215,7 +215,7 @@ KINDS = {
     "infer": Kind(
         what="batch inference",
         step="srun {fastserve} infer --config {job} --executor slurm",
-        stop_code=128 + signal.SIGUSR1,  # infer exits 128 + the signal that stopped it
+        stop_code=138,  # infer exits 128 + the signal that stopped it: SIGUSR1 is 10 on Linux
         on_warning="the run takes no new shards and finishes the running ones",
         roles="""\
 # Dask inside the allocation, started by dask-jobqueue's SLURMRunner over the step's tasks: task 0
@@ -252,18 +252,23 @@ def render(
     k = KINDS[kind]
     template = resources.files("fastserve.slurm").joinpath("job.sbatch").read_text()
     fill = {
-        "#@DIRECTIVES": "\n".join(directives(kind, cfg)),
-        "#@WHAT": k.what,
-        "#@KIND": kind,
-        "#@SETUP": "\n".join(cfg.setup) if cfg.setup else ":",
-        "#@ROLES": k.roles,
-        "#@ON_WARNING": k.on_warning,
-        "#@STOP_CODE": str(k.stop_code),
-        "#@COMMAND": command(kind, job_file, fastserve),
-        "#@MAX_REQUEUES": str(cfg.max_requeues if cfg.requeue else 0),
+        "DIRECTIVES": "\n".join(directives(kind, cfg)),
+        "WHAT": k.what,
+        "KIND": kind,
+        "SETUP": "\n".join(cfg.setup) if cfg.setup else ":",
+        "ROLES": k.roles,
+        "ON_WARNING": k.on_warning,
+        "STOP_CODE": str(k.stop_code),
+        "COMMAND": command(kind, job_file, fastserve),
+        "MAX_REQUEUES": str(cfg.max_requeues if cfg.requeue else 0),
+        "CLEANUP": k.cleanup,
+        "AFTER": after,
     }
-    for mark, text in fill.items():
-        template = template.replace(mark, text)
-    for mark, text in (("#@CLEANUP\n", k.cleanup), ("#@AFTER\n", after)):
-        template = template.replace(mark, text + "\n" if text else "")
-    return template
+
+    def one(m: re.Match) -> str:
+        text = fill[m.group(1)]
+        # a whole-line mark with nothing to put there leaves no empty line behind
+        return text + m.group(2) if text or not m.group(2) else ""
+
+    # one pass: what a job file put in (setup lines) is never searched for marks itself
+    return re.sub(r"#@([A-Z_]+)(\n?)", one, template)

@@ -28,7 +28,7 @@ import click
 from fastserve.pipeline.errors import ConfigError, UserError
 from fastserve.pipeline.manifest import atomic_write_json
 
-from .slurm_job import SlurmJob, run_slurm, submit_script
+from .slurm_job import SlurmJob, job_state, run_slurm, submit_script
 from .submit import fastserve_command, kind_of, prepare, write_script
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -237,7 +237,7 @@ def _list(home: str) -> None:
     for e in entries:
         when = f"cron '{e['cron']}'" if e.get("cron") else f"every {e['every_s']}s"
         nxt = (
-            f"next job {e['job_id']} at {e['begin']} ({SlurmJob(e['job_id']).state()})"
+            f"next job {e['job_id']} at {e['begin']} ({job_state(e['job_id'])})"
             if e.get("job_id")
             else "via scrontab"
         )

@@ -1,7 +1,7 @@
 """The one seam through which FastServe runs Slurm's commands, and a submitted job as an object.
 
     job = submit_script(".fastserve-sbatch/reviews-infer.sbatch")   # a SlurmJob
-    job.state()          # JobState(name='RUNNING', exit_code=None)
+    job.state()          # JobState(name='RUNNING', exit_code='0:0')
     job.wait(timeout=600)
     job.cancel()
 
@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 from fastserve.pipeline.errors import UserError
 
-# Slurm's states in which a job will not run again by itself.
+# Slurm's states in which a job will not run again by itself (ended, or held until released).
 ENDED = frozenset(
     {
+        "REQUEUE_HOLD",
+        "SPECIAL_EXIT",
         "BOOT_FAIL",
         "CANCELLED",
         "COMPLETED",
@@ -97,9 +99,10 @@ class SlurmJob:
                 ["sacct", "-n", "-X", "-P", "-j", self.job_id, "-o", "State,ExitCode"],
                 check=False,
             )
-            if proc.returncode == 0 and proc.stdout.strip():
-                state, code = proc.stdout.strip().splitlines()[0].split("|")
-                return JobState(state.split()[0], code)  # "CANCELLED by 0": the state
+            fields = proc.stdout.strip().splitlines()[0].split("|") if proc.stdout.strip() else []
+            if proc.returncode == 0 and len(fields) == 2 and fields[0].strip():
+                state, code = fields
+                return JobState(state.split()[0], code or None)  # "CANCELLED by 0": the state
         return JobState("UNKNOWN")
 
     def wait(self, timeout: float | None = None, every: float = 1.0) -> JobState:
@@ -119,6 +122,15 @@ class SlurmJob:
         run_slurm(
             ["scancel", *(["--state=PENDING"] if pending_only else []), self.job_id], check=False
         )
+
+
+def job_state(job_id: str) -> str:
+    """A job's state as `status` and `schedule --list` print it; an id that is not a Slurm job
+    id (a hand-edited file) is said so, not a crash."""
+    try:
+        return str(SlurmJob(job_id).state())
+    except ValueError:
+        return f"not a Slurm job id: {job_id!r}"
 
 
 def submit_script(

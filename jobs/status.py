@@ -14,7 +14,7 @@ from fastserve.pipeline.errors import UserError
 from fastserve.pipeline.ledger import complete_records, read_ledger
 from fastserve.pipeline.manifest import RunDir
 
-from .slurm_job import SlurmJob
+from .slurm_job import job_state
 
 
 @click.command()
@@ -71,4 +71,4 @@ def status(output: str) -> None:
         click.echo(f"withdrawn    {len(ledger.retracted)} shard(s) (changed files, re-planned)")
     jobs = [r["slurm_job_id"] for r in runs if r.get("slurm_job_id")]
     for job_id in dict.fromkeys(jobs):
-        click.echo(f"slurm job   {job_id}: {SlurmJob(job_id).state()}")
+        click.echo(f"slurm job   {job_id}: {job_state(job_id)}")

@@ -85,9 +85,13 @@ def submit(kind: str, job_files: tuple[str, ...], dry_run: bool, wait: bool) -> 
     failure cancels the rest)."""
     if kind != "pipeline" and len(job_files) != 1:
         raise ConfigError(f"submit {kind} takes one job file; use `submit pipeline` for a chain")
+    kinds = [kind_of(f) if kind == "pipeline" else kind for f in job_files]
+    if not dry_run:  # every job of a chain is checked before the first one is submitted
+        for i, (k, job_file) in enumerate(zip(kinds, job_files, strict=True)):
+            prepare(k, job_file, "afterok:1" if i else None, check_cluster=True)
     previous: str | None = None
     for i, job_file in enumerate(job_files):
-        k = kind_of(job_file) if kind == "pipeline" else kind
+        k = kinds[i]
         dependency = (
             f"afterok:{previous}"
             if previous and not dry_run

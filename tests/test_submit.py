@@ -157,3 +157,10 @@ def test_the_slurm_environment_is_read_in_one_place():
     )
     assert env.in_step and (env.procid, env.ntasks, env.nnodes) == (1, 3, 2)
     assert env.share == (2, 4) and env.cpus_per_task == 4 and env.restart_count == 2
+
+
+def test_marks_in_a_job_files_setup_lines_stay_inert_text():
+    cfg = slurm_config({"setup": ['echo "#@STOP_CODE #@ROLES #@AFTER"']}, "job.toml")
+    script = render("infer", cfg, "/j.toml", after="echo next")
+    assert 'echo "#@STOP_CODE #@ROLES #@AFTER"' in script.splitlines()
+    assert script.count("echo next") == 1
