@@ -25,6 +25,12 @@ def check_job(job: JobConfig) -> None:
             f"{job.task.name} ({', '.join(names)}); the output cannot hold two columns of one name: "
             "leave it out of --keep-column, or rename it in the input"
         )
+    if job.task.chat and not _has_chat_template(job.model.path):
+        raise ConfigError(
+            f"task.chat = true, but the model folder {job.model.path} has no chat template "
+            "(chat_template in tokenizer_config.json, or chat_template.jinja); leave task.chat "
+            "out and build the prompt with task.prompt_template"
+        )
     if len(set(job.input.keep_columns)) != len(job.input.keep_columns):
         raise ConfigError(
             f"input.keep_columns names a column twice ({', '.join(job.input.keep_columns)})"
@@ -49,3 +55,17 @@ def check_output_place(job: JobConfig, files: dict[str, str]) -> None:
                 f"input file {path} lies inside the output folder {job.output.path}: a run must "
                 "not read results as input; move it, or choose another --output"
             )
+
+
+def _has_chat_template(model_dir: str) -> bool:
+    """Whether a Hugging Face folder holds a chat template (without loading the tokenizer)."""
+    import json
+
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("chat_template"))

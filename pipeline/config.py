@@ -14,7 +14,9 @@ An unknown table or key, or a value of the wrong type, is a ConfigError that nam
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +26,10 @@ from typing import Any
 import tomllib
 
 from .errors import ConfigError
+
+# A JSON value held as its canonical text (sorted keys), so a config stays hashable; a job file
+# may give it as a TOML table or array, or as JSON text.
+JsonText = typing.NewType("JsonText", str)
 
 TASKS = ("sentiment", "translate", "generate", "embed")
 POOLING = ("auto", "mean", "cls", "max")
@@ -90,6 +96,26 @@ class TaskConfig:
     batch size or another worker count gives the same text."""
     stop: tuple[str, ...] = ()
     """generate: strings that end a generation (the text ends before the first one)."""
+    # generate: how the prompt is built from a row (pipeline/tasks/prompts.py)
+    prompt_template: str | None = None
+    """generate: the prompt as a Python format string whose fields name input columns, e.g.
+    "Summarise this review of {product}: {text}" ({text}: the text column). Unset: the text."""
+    chat: bool = False
+    """generate: render the prompt (the text, or the template's result) as the user message with
+    the model folder's own chat template (add_generation_prompt), after an optional system one."""
+    system: str | None = None
+    """generate, with chat: the system message of every row."""
+    system_column: str | None = None
+    """generate, with chat: an input column giving each row its own system message."""
+    # generate: what the output must look like (pipeline/models/constraints.py); at most one
+    json_schema: JsonText | None = None
+    """generate: a JSON schema (an inline table, or JSON text) the output must fit."""
+    json_schema_file: str | None = None
+    """generate: a JSON file holding the schema (read when the job is loaded)."""
+    regex: str | None = None
+    """generate: a regular expression the whole output must match."""
+    choices: tuple[str, ...] = ()
+    """generate: the output is exactly one of these strings."""
     num_beams: int = 1
     """translate: beam width (1 is greedy)."""
     source_lang: str | None = None
@@ -108,7 +134,19 @@ class TaskConfig:
 
     def input_columns(self) -> tuple[str, ...]:
         """Input columns this task reads besides the text."""
-        return tuple(c for c in (self.max_new_tokens_column, self.target_lang_column) if c)
+        named = (self.max_new_tokens_column, self.target_lang_column, self.system_column)
+        return tuple(dict.fromkeys([*(c for c in named if c), *self.template_fields()]))
+
+    def template_fields(self) -> tuple[str, ...]:
+        """The input columns prompt_template names, but the text ({text})."""
+        if not self.prompt_template:
+            return ()
+        fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f]
+        return tuple(dict.fromkeys(f for f in fields if f != "text"))
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.json_schema or self.regex or self.choices)
 
 
 @dataclass(frozen=True)
@@ -164,6 +202,15 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    if tp is JsonText:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ConfigError(f"{where}: key '{key}' is not valid JSON ({e})") from None
+        if not isinstance(value, dict | list):
+            raise ConfigError(f"{where}: key '{key}' must be a table (or JSON text), got {value!r}")
+        return JsonText(json.dumps(value, sort_keys=True, separators=(",", ":")))
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -223,7 +270,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 # The keys of an infer job file that hold paths (resolved against the job file's folder).
-INFER_PATH_KEYS = (("input", "paths"), ("model", "path"), ("output", "path"))
+INFER_PATH_KEYS = (
+    ("input", "paths"),
+    ("model", "path"),
+    ("output", "path"),
+    ("task", "json_schema_file"),
+)
 
 
 def read_job_file(path: str | os.PathLike, path_keys=INFER_PATH_KEYS) -> dict[str, Any]:
@@ -261,15 +313,35 @@ def load_config(
         raw.pop(name, None)
     where = str(job_file) if job_file else "command line"
     cfg = build_config(cls, _merge(raw, overrides or {}), "", where)
-    check(cfg, where)
-    return cfg
+    return check(cfg, where) or cfg
 
 
 def load_job(
     job_file: str | os.PathLike | None = None, overrides: dict | None = None, other_tables=()
 ) -> JobConfig:
     """Build and validate an infer JobConfig from an optional job file and flag overrides."""
-    return load_config(JobConfig, job_file, overrides, INFER_PATH_KEYS, validate, other_tables)
+    return load_config(
+        JobConfig, job_file, overrides, INFER_PATH_KEYS, _with_schema_file, other_tables
+    )
+
+
+def _with_schema_file(cfg: JobConfig, where: str) -> JobConfig:
+    """Validate; the schema of task.json_schema_file is read into task.json_schema (so the run's
+    fingerprint holds the schema itself, and a changed file is a changed config)."""
+    t = cfg.task
+    if t.json_schema_file:
+        if t.json_schema:
+            raise ConfigError(f"{where}: give task.json_schema or task.json_schema_file, not both")
+        try:
+            text = Path(t.json_schema_file).read_text()
+        except OSError as e:
+            raise ConfigError(
+                f"{where}: task.json_schema_file {t.json_schema_file} cannot be read ({e.strerror or e})"
+            ) from None
+        schema = _coerce(text, JsonText, f"task.json_schema_file ({t.json_schema_file})", where)
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(t, json_schema=schema))
+    validate(cfg, where)
+    return cfg
 
 
 def validate(cfg: JobConfig, where: str = "config") -> None:
@@ -325,9 +397,50 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     need(
         t.pooling in POOLING, f"task.pooling is {t.pooling!r}; expected one of {', '.join(POOLING)}"
     )
+    _validate_prompting(t, need)
     need(
         cfg.cluster.executor in EXECUTORS,
         f"cluster.executor is {cfg.cluster.executor!r}; expected one of {', '.join(EXECUTORS)}",
     )
     need(cfg.cluster.workers > 0, f"cluster.workers must be > 0, got {cfg.cluster.workers}")
     need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")
+
+
+def _validate_prompting(t: TaskConfig, need) -> None:
+    """prompt_template, chat and the output constraints: generate's, and well formed."""
+    used = [k for k in ("prompt_template", "system", "system_column", "json_schema", "regex")
+            if getattr(t, k)] + [k for k in ("chat", "choices") if getattr(t, k)]  # fmt: skip
+    need(
+        not used or t.name == "generate",
+        f"task.{used[0] if used else ''} is for task generate, not {t.name}",
+    )
+    if t.prompt_template:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(t.prompt_template)]
+        except ValueError as e:
+            raise ConfigError(
+                f"task.prompt_template {t.prompt_template!r} is not a format string ({e}); "
+                "write fields as {column} and a literal brace as {{ or }}"
+            ) from None
+        for f in fields:
+            need(
+                f is None or (f and not f.isdigit() and not any(c in f for c in ".[]")),
+                f"task.prompt_template field {{{f}}} must name an input column plainly "
+                "(no indexing, attributes or empty {}); write a literal brace as {{ or }}",
+            )
+    need(not (t.system and t.system_column), "give task.system or task.system_column, not both")
+    need(
+        t.chat or not (t.system or t.system_column),
+        "task.system / task.system_column need task.chat = true (a system message is a chat turn)",
+    )
+    kinds = [k for k in ("json_schema", "regex", "choices") if getattr(t, k)]
+    need(
+        len(kinds) <= 1,
+        f"give one of task.json_schema, task.regex, task.choices (got {', '.join(kinds)})",
+    )
+    need(all(t.choices) if t.choices else True, "task.choices holds an empty string; remove it")
+    if kinds:
+        from .models.constraints import grammar_problem
+
+        problem = grammar_problem(t)
+        need(problem is None, f"task.{kinds[0]}: {problem}")

@@ -132,7 +132,10 @@ class _Run:
 
     def plan(self, **kw) -> Plan:
         cfg = self.job.input
-        plan = extend(self.run, self.files, cfg.text_column, cfg.shard_rows, **kw)
+        columns = self.job.task.input_columns()
+        plan = extend(
+            self.run, self.files, cfg.text_column, cfg.shard_rows, task_columns=columns, **kw
+        )
         for key, why in plan.problems.items():
             self.summary.failed[f"file {key}"] = why
         for sid, why in plan.retracted.items():

@@ -124,10 +124,12 @@ def extend(
     shard_rows: int,
     retract: dict[str, str] | None = None,
     alone: frozenset[str] = frozenset(),
+    task_columns: tuple[str, ...] = (),
 ) -> Plan:
     """Bring the plan up to date with `files` ({key: path}, this run's inputs); return this run's
     view. `retract`: shards to withdraw besides those of changed files; `alone`: file keys to plan
-    one per shard (they failed at run time)."""
+    one per shard (they failed at run time); `task_columns`: columns a file must have besides the
+    text (what the task's options name)."""
     plan_dir = run.plan_dir
     while True:
         records = run.records()  # before the generations: a record only names shards before it
@@ -183,7 +185,7 @@ def extend(
         }
         gen = ledger.generations
         prefix = f"{gen:05d}"
-        fresh, problems = plan_files(whole, text_column, shard_rows, prefix, alone)
+        fresh, problems = plan_files(whole, text_column, shard_rows, prefix, alone, task_columns)
         problems.update(unreadable)
         repacked = pack(kept, shard_rows, prefix, alone)
         new = [replace(s, id=f"{prefix}-{i:05d}") for i, s in enumerate([*repacked, *fresh])]

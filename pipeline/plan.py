@@ -101,8 +101,11 @@ def is_string_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def text_column_problem(schema: pa.Schema, text_column: str, where: str) -> str | None:
-    """Why a file with `schema` cannot be a corpus shard, or None."""
+def text_column_problem(
+    schema: pa.Schema, text_column: str, where: str, task_columns: tuple[str, ...] = ()
+) -> str | None:
+    """Why a file with `schema` cannot be a corpus shard (no text column, or none of the columns
+    the task's options name: `task_columns`), or None."""
     from . import schemas
 
     ref = schemas.load("corpus").ref
@@ -117,11 +120,18 @@ def text_column_problem(schema: pa.Schema, text_column: str, where: str) -> str 
             f"column {text_column!r} is {t} in {where}; expected string ({ref}); "
             "convert it or name the text column with --text-column"
         )
+    lacking = [c for c in task_columns if c not in schema.names]
+    if lacking:
+        return (
+            f"input file {where} lacks the column(s) {', '.join(lacking)} that the task's options "
+            "name (task.prompt_template, task.system_column, task.max_new_tokens_column, "
+            f"task.target_lang_column); columns: {', '.join(schema.names)}"
+        )
     return None
 
 
 def file_pieces(
-    key: str, path: str, text_column: str, shard_rows: int
+    key: str, path: str, text_column: str, shard_rows: int, task_columns: tuple[str, ...] = ()
 ) -> tuple[list[Piece], str | None]:
     """Split one file into row-group ranges of at most `shard_rows` rows (at least one group);
     or no pieces and the reason the file cannot be planned."""
@@ -135,7 +145,7 @@ def file_pieces(
                 return [], f"input file {path} is not readable Parquet ({e})"
     except OSError as e:
         return [], f"input file {path} cannot be opened ({e.strerror or e})"
-    problem = text_column_problem(schema, text_column, path)
+    problem = text_column_problem(schema, text_column, path, task_columns)
     if problem:
         return [], problem
     pieces, start, rows = [], 0, 0
@@ -173,12 +183,13 @@ def plan_files(
     shard_rows: int,
     prefix: str,
     alone: frozenset[str] = frozenset(),
+    task_columns: tuple[str, ...] = (),
 ) -> tuple[list[Shard], dict[str, str]]:
     """Shards for `files` ({key: path}), and {key: problem} for the files that cannot be planned."""
     pieces: list[Piece] = []
     problems: dict[str, str] = {}
     for key, path in files.items():
-        got, problem = file_pieces(key, path, text_column, shard_rows)
+        got, problem = file_pieces(key, path, text_column, shard_rows, task_columns)
         if problem:
             problems[key] = problem
         pieces += got

@@ -173,7 +173,7 @@ def _read_piece(
     f: pq.ParquetFile, piece: Piece, path: str, cfg: InputConfig, task_columns: tuple[str, ...]
 ) -> ShardData:
     schema = f.schema_arrow
-    problem = text_column_problem(schema, cfg.text_column, path)
+    problem = text_column_problem(schema, cfg.text_column, path, task_columns)
     if problem:
         raise InputError(problem)
     id_col = _id_column(schema, cfg, path)
@@ -182,12 +182,6 @@ def _read_piece(
         raise InputError(
             f"input file {path} lacks the kept column(s) {', '.join(missing)} "
             f"(columns: {', '.join(schema.names)}); fix --keep-column"
-        )
-    lacking = [c for c in task_columns if c not in schema.names]
-    if lacking:
-        raise InputError(
-            f"input file {path} lacks the column(s) {', '.join(lacking)} that the task's options "
-            f"name (task.max_new_tokens_column / task.target_lang_column); columns: {', '.join(schema.names)}"
         )
     start, stop = piece.row_groups
     first_row = sum(f.metadata.row_group(g).num_rows for g in range(start))

@@ -58,9 +58,21 @@ class TableSchema:
         return f"data_schemas/{self.name}.v{self.version}.json"
 
 
+def latest(name: str) -> int:
+    """The newest declared version of table `name` (what FastServe writes now)."""
+    prefix = f"{name}.v"
+    return max(
+        int(p.name[len(prefix) : -len(".json")])
+        for p in resources.files("fastserve.data_schemas").iterdir()
+        if p.name.startswith(prefix) and p.name.endswith(".json")
+    )
+
+
 @cache
-def load(name: str, version: int = 1) -> TableSchema:
-    """The declared schema `name` at `version`, from `data_schemas/<name>.v<version>.json`."""
+def load(name: str, version: int | None = None) -> TableSchema:
+    """The declared schema `name` at `version` (default: the newest), from
+    `data_schemas/<name>.v<version>.json`."""
+    version = latest(name) if version is None else version
     text = resources.files("fastserve.data_schemas").joinpath(f"{name}.v{version}.json").read_text()
     raw = json.loads(text)
     fields = tuple(

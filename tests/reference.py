@@ -39,6 +39,47 @@ def hf_generate(model_dir, prompts, max_new_tokens, **kwargs):
     return out
 
 
+def hf_generate_constrained(model_dir, prompt_ids, max_new_tokens, grammar):
+    """[new token ids up to eos] from `model.generate()` one row at a time, greedy, with a logits
+    processor that applies llguidance's mask for `grammar` (the engine's own matcher, fed each
+    token the model chose) — the reference for structured output. `grammar` None: no mask (for
+    prompts given as token ids, e.g. a chat template's)."""
+    import llguidance
+    import llguidance.hf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    eos = model.generation_config.eos_token_id
+    lltok = llguidance.hf.from_tokenizer(tok, n_vocab=model.config.vocab_size)
+    out = []
+    for ids, n in zip(prompt_ids, max_new_tokens, strict=True):
+        matcher = llguidance.LLMatcher(lltok, grammar, log_level=0) if grammar else None
+        start = len(ids)
+
+        def processor(input_ids, scores, matcher=matcher, start=start):
+            if input_ids.shape[1] > start:
+                matcher.consume_token(int(input_ids[0, -1]))
+            allowed = torch.zeros(scores.shape[-1], dtype=torch.bool)
+            bits = matcher.compute_logit_bias()  # one byte per token: 200 allowed, 0 not
+            allowed[: len(bits)] = torch.tensor(list(bits)[: scores.shape[-1]]) > 0
+            return scores.masked_fill(~allowed, -torch.inf)
+
+        with torch.no_grad():
+            seq = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                logits_processor=LogitsProcessorList([processor] if matcher else []),
+            )
+        new = seq[0, start:].tolist()
+        out.append(new[: new.index(eos)] if eos in new else new)
+    return out
+
+
 def hf_translate(model_dir, texts, num_beams=1, max_new_tokens=20, target_langs=None):
     """[translation token ids, specials removed] from `model.generate()` one row at a time."""
     import torch

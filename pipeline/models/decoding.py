@@ -286,6 +286,7 @@ def generate(
     eos_ids: set[int],
     stop: tuple[str, ...] = (),
     slots: int | None = None,
+    constraints=None,
 ) -> list[Generated]:
     """Decode every prompt (token ids) to completion; results in input order.
 
@@ -295,6 +296,10 @@ def generate(
     into the finished rows' slots in place where the model's cache allows it (else the batch is
     compacted and they join it, left-padded to its cache length). Admission is longest-first (most new tokens allowed, then longest prompt), so
     the rows that take longest start first and no straggler runs alone at the end.
+
+    `constraints` (models/constraints.py RowConstraints): rows with a grammar draw only tokens
+    it allows (their logits masked before greedy or sampled choice), in the same batches as free
+    rows; a row whose grammar is complete ends there ("eos": the end is all it allows).
     """
     n = len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
@@ -322,6 +327,9 @@ def generate(
             result[i] = Generated(out[i], tokenizer.decode(out[i], skip_special_tokens=True), "eos")
             return True
         out[i].append(t)
+        if constraints is not None and constraints.advance(i, t):
+            result[i] = Generated(out[i], tokenizer.decode(out[i], skip_special_tokens=True), "eos")
+            return True
         if stop:
             text = tokenizer.decode(out[i], skip_special_tokens=True)
             cut = min((text.find(s) for s in stop if s in text), default=-1)
@@ -371,6 +379,8 @@ def generate(
                     logits, st = new_logits, new_st
                 live += admit
         rows_gens = [gens[i] if i is not None else idle for i in live] if gens else None
+        if constraints is not None:
+            constraints.mask(logits, live)
         toks = next_tokens(logits, sampling, rows_gens).tolist()
         for j, (i, t) in enumerate(zip(live, toks, strict=True)):
             if i is not None and finished(i, t):

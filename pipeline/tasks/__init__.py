@@ -49,4 +49,4 @@ def output_schema(task_name: str):
     """The declared output schema of a task, without loading its model."""
     from .. import schemas
 
-    return schemas.load(task_name, 1)
+    return schemas.load(task_name)

@@ -1,8 +1,10 @@
 """generate: prompt in, continuation out, for causal LMs (Hugging Face or FastServe GPT).
 
 Greedy by default; sampling with temperature / top-k / top-p and a per-row seed. The prompt is
-tokenized as `tokenizer(prompt)` does (special tokens included), so greedy output equals
-`model.generate()` on that row alone.
+the text, a template over the row's columns, or a chat turn (tasks/prompts.py); tokenized as
+`tokenizer(prompt)` does (special tokens included), so greedy output equals `model.generate()` on
+that row alone. With json_schema / regex / choices, every row decodes under the grammar's token
+mask (models/constraints.py) and `parsed_ok` says whether its output is complete.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ..models import load_model
 from ..models.decoding import GPTCausalLM, HFCausalLM, LSTMCausalLM, Sampling, generate
 from . import MODEL_KINDS
 from .base import TaskOutput
+from .prompts import build_prompts
 
 
 def context_length(loaded) -> int:
@@ -40,7 +43,7 @@ class GenerateTask:
     name = "generate"
 
     def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
-        self.schema = schemas.load("generate", 1)
+        self.schema = schemas.load("generate")
         self.cfg = task_cfg
         self.loaded = load_model(
             model_cfg.path, MODEL_KINDS["generate"], model_cfg.device, model_cfg.dtype
@@ -53,6 +56,15 @@ class GenerateTask:
         self.sampling = Sampling(
             task_cfg.do_sample, task_cfg.temperature, task_cfg.top_k, task_cfg.top_p, task_cfg.seed
         )
+        self.grammar = None
+        if task_cfg.constrained:
+            from ..models.constraints import grammar_of
+
+            self.grammar = grammar_of(task_cfg)
+            # the logits' width (a model's vocabulary may be padded past the tokenizer's)
+            self.vocab = int(
+                getattr(self.loaded.model.config, "vocab_size", 0) or len(self.loaded.tokenizer)
+            )
 
     def process(self, texts: list[str], ids: list[str], extra: dict[str, list]) -> TaskOutput:
         import torch
@@ -72,8 +84,10 @@ class GenerateTask:
                     )
                 else:
                     limits[i] = v
+        built, unbuilt = build_prompts(cfg, tok, texts, extra)
+        rejected += [r for r in unbuilt if r[0] not in {i for i, _, _ in rejected}]
         bad = {i for i, _, _ in rejected}
-        prompts = tok(texts, add_special_tokens=True)["input_ids"]
+        prompts = [p if p is not None else [] for p in built]
         truncated = [False] * len(texts)
         for i, p in enumerate(prompts):
             # the prompt's room: what max_length allows, and what the context leaves after the
@@ -97,6 +111,11 @@ class GenerateTask:
                     prompts[i], truncated[i] = p[len(p) - room :], True
         todo = [i for i in range(len(texts)) if i not in bad]
         results = {}
+        constraints = None
+        if self.grammar is not None:
+            from ..models.constraints import RowConstraints
+
+            constraints = RowConstraints(tok, self.vocab, self.grammar, len(todo))
         with torch.inference_mode():  # the whole shard through one continuously batched loop
             outs = generate(
                 self.lm,
@@ -108,8 +127,13 @@ class GenerateTask:
                 self.eos,
                 cfg.stop,
                 slots=cfg.batch_size or ROWS_PER_CALL,
+                constraints=constraints,
             )
             results.update(zip(todo, outs, strict=True))
+        parsed = {
+            i: (constraints.complete(k) if constraints is not None else None)
+            for k, i in enumerate(todo)
+        }
         kept = sorted(results)
         return TaskOutput(
             kept=kept,
@@ -119,6 +143,7 @@ class GenerateTask:
                 "prompt_tokens": [len(prompts[i]) for i in kept],
                 "generated_tokens": [len(results[i].tokens) for i in kept],
                 "truncated": [truncated[i] for i in kept],
+                "parsed_ok": [parsed[i] for i in kept],
             },
             rejected=sorted(rejected),
             tokens=sum(len(prompts[i]) + len(results[i].tokens) for i in kept),

@@ -68,12 +68,22 @@ def write_corpus(
     return paths
 
 
+def toml_value(v) -> str:
+    """A TOML value: strings, numbers and booleans as JSON spells them, lists as arrays, dicts
+    as inline tables."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def toml_text(tables: dict[str, dict]) -> str:
-    """A job file from {table: {key: value}} (values as TOML takes them: JSON's spelling)."""
+    """A job file from {table: {key: value}}."""
     lines = []
     for name, table in tables.items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 

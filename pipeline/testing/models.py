@@ -104,12 +104,23 @@ def build_bpe_tokenizer(
     return fast
 
 
-def build_gpt2(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer GPT-2 causal LM; eos is <|endoftext|>, as in GPT-2."""
+# A small chat template in the style of instruction models: every turn after the eos token.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def build_gpt2(folder: Path, seed: int = 0, chat_template: str | None = None) -> Path:
+    """A 2-layer GPT-2 causal LM; eos is <|endoftext|>, as in GPT-2. `chat_template`: saved with
+    the tokenizer (chat_template.jinja), as instruction models ship one."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = build_bpe_tokenizer(folder, ["<pad>", "<|endoftext|>", "<|endoftext|>"])
+    if chat_template:
+        tok.chat_template = chat_template
+        tok.save_pretrained(folder)
     torch.manual_seed(seed)
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     cfg = GPT2Config(

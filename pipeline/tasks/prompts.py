@@ -1,0 +1,76 @@
+"""generate's prompts, built from a row: the text, a template over input columns, a chat turn.
+
+    prompts, rejected = build_prompts(task_cfg, tokenizer, texts, extra)
+
+- `prompt_template` ("Summarise this review of {product}: {text}") is Python's str.format over
+  the row's columns ({text}: the text column); a row whose field is null is rejected (bad_value).
+- `chat = true` renders the prompt as the user turn (after `system` / `system_column`) with the
+  model folder's own chat template, add_generation_prompt=True, as apply_chat_template does; the
+  rendered text is tokenized without adding special tokens again (the template holds them).
+- Otherwise the prompt is tokenized as `tokenizer(prompt)` does, special tokens included (so
+  greedy output equals model.generate() on that row alone).
+"""
+
+from __future__ import annotations
+
+from ..config import TaskConfig
+from ..errors import ConfigError
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_template(template: str, text: str, row: dict) -> str:
+    return template.format(**{**row, "text": text})
+
+
+def build_prompts(
+    cfg: TaskConfig, tokenizer, texts: list[str], extra: dict[str, list]
+) -> tuple[list[list[int] | None], list[tuple[int, str, str]]]:
+    """Token ids of each row's prompt (None where rejected), and the rejected rows
+    (index, reason, detail)."""
+    n = len(texts)
+    prompts: list[str | None] = list(texts)
+    rejected: list[tuple[int, str, str]] = []
+
+    def reject(i: int, detail: str) -> None:
+        if prompts[i] is not None:
+            rejected.append((i, "bad_value", detail))
+            prompts[i] = None
+
+    if cfg.prompt_template:
+        fields = cfg.template_fields()
+        for i in range(n):
+            row = {f: extra[f][i] for f in fields}
+            nulls = [f for f, v in row.items() if v is None]
+            if nulls:
+                reject(i, f"prompt_template field(s) {', '.join(nulls)} null in this row")
+            else:
+                prompts[i] = render_template(cfg.prompt_template, texts[i], row)
+    if cfg.chat:
+        if not has_chat_template(tokenizer):
+            raise ConfigError(
+                "task.chat = true, but the model folder's tokenizer has no chat template "
+                "(tokenizer_config.json chat_template, or chat_template.jinja); leave chat out "
+                "and write the prompt with task.prompt_template"
+            )
+        systems = extra[cfg.system_column] if cfg.system_column else [cfg.system] * n
+        for i in range(n):
+            if prompts[i] is None:
+                continue
+            if cfg.system_column and not isinstance(systems[i], str):
+                reject(i, f"{cfg.system_column}={systems[i]!r}; expected a string")
+                continue
+            turns = [{"role": "system", "content": systems[i]}] if systems[i] else []
+            turns.append({"role": "user", "content": prompts[i]})
+            prompts[i] = tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=True
+            )
+    todo = [i for i in range(n) if prompts[i] is not None]
+    ids: list[list[int] | None] = [None] * n
+    if todo:
+        enc = tokenizer([prompts[i] for i in todo], add_special_tokens=not cfg.chat)["input_ids"]
+        for i, e in zip(todo, enc, strict=True):
+            ids[i] = e
+    return ids, rejected
