@@ -107,6 +107,10 @@ class TaskConfig:
     """generate, with chat: the system message of every row."""
     system_column: str | None = None
     """generate, with chat: an input column giving each row its own system message."""
+    reuse_prefix: bool = True
+    """generate: rows whose prompts start with the same tokens (16 or more: a system message, a
+    template's instructions) share that prefix's KV cache, computed once per worker; the outputs
+    are the same either way (false: every row prefilled whole, for comparison)."""
     # generate: what the output must look like (pipeline/models/constraints.py); at most one
     json_schema: JsonText | None = None
     """generate: a JSON schema (an inline table, or JSON text) the output must fit."""

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__, schemas
-from .config import JobConfig
+from .config import JobConfig, TaskConfig
 
 
 def _cache_file() -> Path | None:
@@ -66,6 +66,19 @@ def model_identity(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+# Task options added since 0.2.0: left out of the fingerprint while at their default, so a folder
+# made before they existed keeps its identity (its rows are what the default gives).
+LATER_OPTIONS = (
+    "prompt_template",
+    "chat",
+    "system",
+    "system_column",
+    "json_schema",
+    "regex",
+    "choices",
+)
+
+
 def fingerprint(job: JobConfig) -> dict:
     """{'sha': identity, 'fields': what it was computed from} for `job`."""
     task = {
@@ -73,6 +86,12 @@ def fingerprint(job: JobConfig) -> dict:
     }
     task.pop("task.batch_size")  # how rows are grouped, not what they become
     task.pop("task.max_tokens")
+    task.pop("task.reuse_prefix")  # how prompts are prefilled, not what they become
+    task.pop("task.json_schema_file")  # its schema is task.json_schema; where it lay is not
+    defaults = TaskConfig()
+    for name in LATER_OPTIONS:
+        if getattr(job.task, name) == getattr(defaults, name):
+            task.pop(f"task.{name}")
     fields = {
         "task": task.pop("task.name"),
         **task,

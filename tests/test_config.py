@@ -90,3 +90,18 @@ def test_bad_toml(tmp_path):
 def test_an_empty_stop_string_is_refused():
     with pytest.raises(ConfigError, match="task.stop holds an empty string"):
         load_job(None, {**BASE, "task": {"name": "generate", "stop": ["\n\n", ""]}})
+
+
+def test_options_added_since_0_2_leave_an_old_folders_identity_alone(tmp_path, classifier):
+    """A sentiment folder made by 0.2.0 keeps its fingerprint: options added since then enter it
+    only when set (their default gives the rows the folder already holds)."""
+    from fastserve.pipeline.fingerprint import fingerprint
+
+    job = load_job(None, {**BASE, "model": {"path": str(classifier)}})
+    fields = fingerprint(job)["fields"]
+    assert not {k for k in fields if k.split(".")[-1] in ("prompt_template", "chat", "system",
+                "system_column", "json_schema", "json_schema_file", "regex", "choices",
+                "reuse_prefix")}  # fmt: skip
+    templated = load_job(None, {**BASE, "model": {"path": str(classifier)},
+                                "task": {"name": "generate", "prompt_template": "{text}!"}})  # fmt: skip
+    assert fingerprint(templated)["fields"]["task.prompt_template"] == "{text}!"

@@ -262,3 +262,65 @@ def test_a_killed_constrained_templated_run_resumes_to_the_uninterrupted_output(
     run_cli(*args(tmp_path / "out"), check=True)
     assert read_sorted(tmp_path / "out").equals(read_sorted(tmp_path / "whole"))
     assert read_sorted(tmp_path / "out").num_rows == 60
+
+
+INSTRUCTIONS = (
+    "You label product reviews. Read the review, then answer with the label that fits best; "
+    "think of the product first and be brief."
+)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_a_shared_prefix_computed_once_gives_the_same_tokens(chat_gpt2, sampled):
+    """Rows that start with the same instructions are prefilled after that prefix's cached keys
+    and values; the tokens are those of prefilling every row whole, greedy and sampled, through
+    refills of the batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastserve.pipeline.models.decoding import HFCausalLM, Sampling
+    from fastserve.pipeline.models.decoding import generate as decode
+
+    model = AutoModelForCausalLM.from_pretrained(chat_gpt2).eval()
+    tok = AutoTokenizer.from_pretrained(chat_gpt2)
+    other = " ".join(reversed(INSTRUCTIONS.split()))
+    long = sample_texts(20, seed=1, min_words=30, max_words=40)
+    texts = [  # rows of two instruction sets and rows of their own, mixed in every batch
+        [f"{INSTRUCTIONS} Review: {t}", f"{other} Review: {t}", long[i]][i % 3]
+        for i, t in enumerate(sample_texts(20, seed=9, max_words=14))
+    ]
+    prompts = tok(texts)["input_ids"]
+    sampling = Sampling(do_sample=sampled, temperature=1.3, seed=2)
+    ids = [f"r{i}" for i in range(len(texts))]
+    outs = {}
+    for reuse in (True, False):
+        lm = HFCausalLM(model, torch.device("cpu"), reuse_prefix=reuse)
+        with torch.inference_mode():
+            got = decode(
+                lm, tok, prompts, ids, [12] * len(texts), sampling, {tok.eos_token_id}, slots=6
+            )
+        outs[reuse] = [g.tokens for g in got]
+        assert bool(lm.prefixes) == reuse  # the premise: the prefix was shared
+    assert outs[True] == outs[False]
+
+
+def test_prefix_reuse_changes_no_output_of_a_templated_chat_run(tmp_path, chat_gpt2, reviews):
+    task = {"chat": True, "system": "You label reviews; be brief.", "prompt_template": "Review of {product}: {text}",
+            "max_new_tokens": 10, "do_sample": True, "seed": 4}  # fmt: skip
+    for reuse in (True, False):
+        proc = generate(chat_gpt2, tmp_path / str(reuse), reviews, {**task, "reuse_prefix": reuse})
+        assert proc.returncode == 0, proc.stderr
+    assert read_sorted(tmp_path / "True").equals(read_sorted(tmp_path / "False"))
+    assert read_sorted(tmp_path / "True").num_rows == 18
+
+
+def test_rows_are_grouped_by_the_prefix_they_share():
+    from fastserve.pipeline.models.decoding import prefix_groups
+
+    head = list(range(100, 120))
+    rows = [head + [1, 2], head + [1, 3, 4], [7] * 30, head + [5], head[:10]]
+    # the three rows sharing 20 tokens go after their common prefix, the others whole
+    assert prefix_groups(rows, [], 16) == [((*head,), [0, 1, 3]), ((), [2, 4])]
+    # a known prefix is taken first: the longest that leaves a row a token of its own
+    known = [(*head, 1), (*head,)]
+    assert prefix_groups(rows, known, 16) == [((*head, 1), [0, 1]), ((*head,), [3]), ((), [2, 4])]

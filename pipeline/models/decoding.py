@@ -97,20 +97,104 @@ def trim_kv(layers: list, mask: torch.Tensor) -> tuple[list, torch.Tensor]:
     return [(k[:, :, first:], v[:, :, first:]) for k, v in layers], mask[:, first:]
 
 
-class HFCausalLM:
-    """A transformers causal LM behind the decoding interface (DynamicCache, left padding)."""
+def prefix_groups(
+    rows: list[list[int]], known: list[tuple[int, ...]], least: int
+) -> list[tuple[tuple[int, ...], list[int]]]:
+    """Rows grouped by the prefix they are prefilled after: [(prefix, row indices)], prefix ()
+    for rows prefilled whole. A row takes the longest `known` prefix it starts with (leaving it
+    at least one token of its own: its last position's logits are needed); of the others, the
+    largest set sharing their first `least` tokens gets its longest common prefix."""
+    known = sorted(known, key=len, reverse=True)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    rest: list[int] = []
+    for i, r in enumerate(rows):
+        p = next((p for p in known if len(p) < len(r) and tuple(r[: len(p)]) == p), None)
+        groups.setdefault(p, []).append(i) if p else rest.append(i)
+    heads: dict[tuple[int, ...], list[int]] = {}
+    for i in rest:
+        if len(rows[i]) > least:
+            heads.setdefault(tuple(rows[i][:least]), []).append(i)
+    if heads:
+        members = max(heads.values(), key=len)
+        first, room = rows[members[0]], min(len(rows[i]) for i in members) - 1
+        n = least
+        while n < room and all(rows[i][n] == first[n] for i in members):
+            n += 1
+        if len(members) > 1:  # one row alone: its prompt is no one else's prefix (yet)
+            groups.setdefault(tuple(first[:n]), []).extend(members)
+            rest = [i for i in rest if i not in set(members)]
+    if rest:
+        groups[()] = rest
+    return list(groups.items())
 
-    def __init__(self, model, device):
+
+class HFCausalLM:
+    """A transformers causal LM behind the decoding interface (DynamicCache, left padding).
+
+    Shared prefixes: rows that start with the same tokens (a system message, a template's
+    instructions) are prefilled after that prefix's keys and values, computed once per worker
+    and model and kept (the few most recent): each row's own tokens follow the prefix, left-padded
+    among themselves, so the padding sits between prefix and row, masked."""
+
+    PREFIX_MIN = 16
+    """Fewest shared tokens worth a prefix of their own."""
+    PREFIXES = 4
+    """Prefixes kept per worker and model."""
+
+    def __init__(self, model, device, reuse_prefix: bool = True):
         import inspect
 
         self.model, self.device = model, device
+        self.reuse_prefix = reuse_prefix
+        self.prefixes: dict[tuple[int, ...], list] = {}  # prefix tokens -> per-layer (k, v)
         # transformers renamed `past_key_values` to `cache` (5.2x); the cache is updated in place
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         # the prompt's logits are not needed, only the last position's (a third of GPT-2's compute)
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
+    def _prefix_kv(self, prefix: tuple[int, ...]) -> list | None:
+        """The prefix's per-layer (keys, values), batch 1: computed once, then kept."""
+        from .kv_cache import growing_cache
+
+        if prefix in self.prefixes:
+            self.prefixes[prefix] = self.prefixes.pop(prefix)  # most recent last
+            return self.prefixes[prefix]
+        cache = growing_cache(self.model.config)
+        ids = torch.tensor([prefix], device=self.device)
+        self.model(input_ids=ids, use_cache=True, **{self.cache_kw: cache}, **self.last_only)
+        if not all(hasattr(layer, "set") for layer in cache.layers):
+            return None  # a cache this adapter cannot seed (sliding windows): no reuse
+        kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        self.prefixes[prefix] = kv
+        while len(self.prefixes) > self.PREFIXES:
+            self.prefixes.pop(next(iter(self.prefixes)))
+        return kv
+
     def prefill(self, rows: list[list[int]], pad_id: int):
+        if not self.reuse_prefix:
+            return self._prefill(rows, pad_id)
+        groups = prefix_groups(rows, list(self.prefixes), self.PREFIX_MIN)
+        parts = []
+        for prefix, members in groups:
+            kv = self._prefix_kv(prefix) if prefix else None
+            chosen = [rows[i] for i in members]
+            parts.append(
+                self._prefill_after(prefix, kv, chosen, pad_id)
+                if kv is not None
+                else self._prefill(chosen, pad_id)
+            )
+        if len(parts) == 1:
+            return parts[0]
+        logits, st = parts[0]
+        for more_logits, more in parts[1:]:  # the groups side by side, then in the rows' order
+            logits, st = torch.cat([logits, more_logits]), self.join(st, more)
+        order = [i for _, members in groups for i in members]
+        back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=logits.device)
+        return logits[back], self.keep(st, back)
+
+    def _prefill(self, rows: list[list[int]], pad_id: int):
+        """Prefill `rows` whole, left-padded."""
         from .kv_cache import growing_cache
 
         ids, mask = left_pad(rows, pad_id, self.device)
@@ -129,6 +213,27 @@ class HFCausalLM:
             "mask": mask,
             "pos": positions[:, -1],
         }
+
+    def _prefill_after(self, prefix: tuple[int, ...], kv: list, rows: list[list[int]], pad_id: int):
+        """Prefill `rows` after the cached keys and values of their shared `prefix`."""
+        from .kv_cache import growing_cache
+
+        n, p = len(rows), len(prefix)
+        ids, own = left_pad([r[p:] for r in rows], pad_id, self.device)
+        mask = torch.cat([own.new_ones((n, p)), own], dim=1)
+        positions = p + (own.cumsum(-1) - 1).clamp(min=0)
+        cache = growing_cache(self.model.config)
+        for layer, (k, v) in zip(cache.layers, kv, strict=True):
+            layer.set(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_kw: cache},
+            **self.last_only,
+        )
+        return out.logits[:, -1], {"cache": cache, "mask": mask, "pos": positions[:, -1]}
 
     def step(self, tokens: torch.Tensor, st: dict):
         st["mask"] = torch.cat([st["mask"], st["mask"].new_ones((len(tokens), 1))], dim=1)

@@ -49,8 +49,11 @@ class GenerateTask:
             model_cfg.path, MODEL_KINDS["generate"], model_cfg.device, model_cfg.dtype
         )
         arch = getattr(self.loaded.model, "arch", None)
-        adapter = {"gpt": GPTCausalLM, "lstm": LSTMCausalLM}.get(arch, HFCausalLM)
-        self.lm = adapter(self.loaded.model, self.loaded.device)
+        if arch in ("gpt", "lstm"):
+            adapter = GPTCausalLM if arch == "gpt" else LSTMCausalLM
+            self.lm = adapter(self.loaded.model, self.loaded.device)
+        else:
+            self.lm = HFCausalLM(self.loaded.model, self.loaded.device, task_cfg.reuse_prefix)
         self.context = context_length(self.loaded)
         self.eos = eos_ids(self.loaded)
         self.sampling = Sampling(
