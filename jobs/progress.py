@@ -82,3 +82,18 @@ class Progress:
             + (f" ({reasons})" if reasons else "")
             + f"; {s.seconds:.1f}s -> {s.output}"
         )
+        if t.usage:
+            click.echo(usage_line(t.usage))
+
+
+def usage_line(usage: dict[str, int]) -> str:
+    """Tokens as a hosted Batch API would bill them, and constrained rows that did not complete."""
+    line = (
+        f"tokens: prompt {usage.get('prompt_tokens', 0)} + completion "
+        f"{usage.get('completion_tokens', 0)}"
+    )
+    if usage.get("unparsed"):
+        line += (
+            f"; {usage['unparsed']} row(s) ended before their output was complete (parsed_ok false)"
+        )
+    return line

@@ -21,6 +21,8 @@ from fastserve.pipeline.counts import Counts
 from fastserve.pipeline.errors import UserError
 from fastserve.pipeline.manifest import RunDir
 
+from .progress import usage_line
+
 
 @dataclass
 class InferRun:
@@ -178,6 +180,8 @@ def markdown(runs: list, images: list[Path], title: str, extra: str = "") -> str
                 f"| {_rate(c.tokens, c.model_seconds)} | {r.wall_seconds:.1f} |"
             )
         for r in infer:
+            if r.counts.usage:
+                lines.append(f"\n`{r.path.name}` {usage_line(r.counts.usage)}.")
             if r.counts.rejected_by_reason:
                 why = ", ".join(f"{k} {v}" for k, v in r.counts.rejected_by_reason.items())
                 lines.append(f"\n`{r.path.name}` rejected: {why} (rows in `_rejected/`).")

@@ -14,6 +14,7 @@ from fastserve.pipeline.errors import UserError
 from fastserve.pipeline.ledger import complete_records, read_ledger
 from fastserve.pipeline.manifest import RunDir
 
+from .progress import usage_line
 from .slurm_job import job_state
 
 
@@ -60,6 +61,8 @@ def status(output: str) -> None:
     )
     if rejected:
         click.echo("rejected     " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
+    if t.usage:
+        click.echo("usage        " + usage_line(t.usage))
     if model_s > 0:
         click.echo(f"throughput   {rows_in / model_s:.1f} rows/s of model time")
     if records:

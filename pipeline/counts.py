@@ -19,20 +19,26 @@ class Counts:
     rows_rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
+    usage: dict[str, int] = field(default_factory=dict)
+    """generate: prompt_tokens, completion_tokens, unparsed (see TaskOutput.usage)."""
     model_seconds: float = 0.0
     """Seconds in the model (a shard record's seconds['model']): rows/s of model time."""
 
     def __add__(self, other: Counts) -> Counts:
-        reasons = dict(self.rejected_by_reason)
-        for reason, n in other.rejected_by_reason.items():
-            reasons[reason] = reasons.get(reason, 0) + n
+        def add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+            out = dict(a)
+            for k, n in b.items():
+                out[k] = out.get(k, 0) + n
+            return dict(sorted(out.items()))
+
         return Counts(
             shards=self.shards + other.shards,
             rows_in=self.rows_in + other.rows_in,
             rows_out=self.rows_out + other.rows_out,
             rows_rejected=self.rows_rejected + other.rows_rejected,
-            rejected_by_reason=dict(sorted(reasons.items())),
+            rejected_by_reason=add(self.rejected_by_reason, other.rejected_by_reason),
             tokens=self.tokens + other.tokens,
+            usage=add(self.usage, other.usage),
             model_seconds=self.model_seconds + other.model_seconds,
         )
 
@@ -46,6 +52,7 @@ class Counts:
             rows_rejected=record["rows_rejected"],
             rejected_by_reason=dict(record["rejected_by_reason"]),
             tokens=record["tokens"],
+            usage=dict(record.get("usage") or {}),
             model_seconds=(record.get("seconds") or {}).get("model", 0.0),
         )
 

@@ -34,6 +34,7 @@ class ShardResult:
     rows_rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
+    usage: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     """Set when the shard as a whole could not be processed (e.g. an unreadable file)."""
@@ -208,6 +209,7 @@ def run_shard(
     result.rows_rejected = len(bad)
     result.rejected_by_reason = dict(Counter(r for _, r, _ in bad))
     result.tokens = out.tokens
+    result.usage = dict(out.usage)
     result.seconds = {
         "read": t1 - t0,
         "wait": t_lock - t1,  # for the other shard of this worker to leave the model
@@ -258,4 +260,4 @@ def write_error(e: OSError, run: RunDir) -> str:
 
 def _counts(record: dict) -> dict:
     keys = ("rows_in", "rows_out", "rows_rejected", "rejected_by_reason", "tokens", "seconds")
-    return {k: record[k] for k in keys}
+    return {**{k: record[k] for k in keys}, "usage": record.get("usage", {})}

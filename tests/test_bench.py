@@ -35,3 +35,8 @@ def test_throughput_benchmark_runs_at_smoke_size():
     out = bench("throughput", "--smoke")
     for row in ("| encoder ", "| Dask overhead", "| generate GPT-2-small", "continuous batching"):
         assert row in out
+
+
+def test_prompting_benchmark_runs_at_smoke_size():
+    out = bench("prompting", "--smoke")
+    assert "| prefix reuse:" in out and "| JSON-schema output:" in out

@@ -324,3 +324,20 @@ def test_rows_are_grouped_by_the_prefix_they_share():
     # a known prefix is taken first: the longest that leaves a row a token of its own
     known = [(*head, 1), (*head,)]
     assert prefix_groups(rows, known, 16) == [((*head, 1), [0, 1]), ((*head,), [3]), ((), [2, 4])]
+
+
+def test_usage_is_counted_per_row_and_in_the_totals(tmp_path, chat_gpt2, reviews):
+    """Prompt and completion tokens as a hosted Batch API would bill them, and the constrained
+    rows that ran out of tokens, in the summary, `status` and the report."""
+    task = {"json_schema": SCHEMA, "max_new_tokens": 12, "prompt_template": "{text}"}
+    proc = generate(chat_gpt2, tmp_path / "o", reviews, task)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_sorted(tmp_path / "o").to_pylist()
+    prompt, completion = (sum(r[k] for r in rows) for k in ("prompt_tokens", "generated_tokens"))
+    unparsed = sum(r["parsed_ok"] is False for r in rows)
+    assert unparsed > 0  # the premise: 12 tokens cut some rows short
+    line = f"tokens: prompt {prompt} + completion {completion}"
+    assert line in proc.stdout and f"; {unparsed} row(s) ended before" in proc.stdout
+    assert line in run_cli("status", tmp_path / "o", check=True).stdout
+    run_cli("report", tmp_path / "o", "--out", tmp_path / "report", check=True)
+    assert line in (tmp_path / "report" / "report.md").read_text()

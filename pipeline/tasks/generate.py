@@ -150,4 +150,9 @@ class GenerateTask:
             },
             rejected=sorted(rejected),
             tokens=sum(len(prompts[i]) + len(results[i].tokens) for i in kept),
+            usage={
+                "prompt_tokens": sum(len(prompts[i]) for i in kept),
+                "completion_tokens": sum(len(results[i].tokens) for i in kept),
+                "unparsed": sum(parsed[i] is False for i in kept),
+            },
         )
