@@ -11,7 +11,15 @@ import sys
 
 import click
 
-from fastserve.pipeline.config import DEVICES, DTYPES, EXECUTORS, ON_LONG, TASKS, load_job
+from fastserve.pipeline.config import (
+    DEVICES,
+    DTYPES,
+    EXECUTORS,
+    ON_LONG,
+    OUTPUT_FORMATS,
+    TASKS,
+    load_job,
+)
 from fastserve.pipeline.executors import launch
 from fastserve.pipeline.infer import Stop, run_infer
 from fastserve.pipeline.slurm_env import SlurmEnv
@@ -38,6 +46,7 @@ def _overrides(**flags) -> dict:
         "on_long": ("task", "on_long"),
         "output": ("output", "path"),
         "overwrite": ("output", "overwrite"),
+        "output_format": ("output", "format"),
         "workers": ("cluster", "workers"),
         "threads_per_worker": ("cluster", "threads_per_worker"),
         "scheduler_address": ("cluster", "scheduler_address"),
@@ -62,7 +71,12 @@ def _overrides(**flags) -> dict:
 )
 @click.option("--task", type=click.Choice(TASKS), help="What to run.")
 @click.option("--model", help="Local model folder (Hugging Face checkpoint).")
-@click.option("--input", "inputs", multiple=True, help="Parquet file, folder or glob (repeatable).")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    help="Parquet file, folder or glob (repeatable); or Batch-API request files (.jsonl).",
+)
 @click.option("--output", help="Run folder to write (resumable).")
 @click.option("--text-column", help="Column holding the text [text].")
 @click.option("--id-column", help="Column holding row ids [id if present, else file:row].")
@@ -104,6 +118,11 @@ def _overrides(**flags) -> dict:
 )
 @click.option(
     "--overwrite", is_flag=True, default=None, help="Replace a run made with another config."
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(OUTPUT_FORMATS),
+    help="batch-jsonl: also write Batch-API responses (_batch/results.jsonl, errors.jsonl) [parquet].",
 )
 def infer(config_file, **flags) -> None:
     """Run a task over a Parquet corpus; write one Parquet file per input shard.

@@ -37,6 +37,26 @@ def check_job(job: JobConfig) -> None:
         )
 
 
+def check_requests(job: JobConfig) -> None:
+    """A run over Batch-API request files: generate, on a model with a chat template."""
+    if job.task.name != "generate":
+        raise ConfigError(
+            f"the inputs are Batch-API request files (.jsonl): they are for task generate, "
+            f"not {job.task.name}"
+        )
+    if job.task.prompt_template or job.task.chat:
+        raise ConfigError(
+            "the inputs are Batch-API request files: their messages are the prompts; leave "
+            "task.prompt_template and task.chat out"
+        )
+    if not _has_chat_template(job.model.path):
+        raise ConfigError(
+            f"the inputs are Batch-API request files (chat messages), but the model folder "
+            f"{job.model.path} has no chat template (chat_template in tokenizer_config.json, "
+            "or chat_template.jinja); use a chat model"
+        )
+
+
 def check_output_place(job: JobConfig, files: dict[str, str]) -> None:
     """Refuse a run folder that its own inputs would read (now or on the next run)."""
     from .inputs import walked_by
@@ -48,7 +68,7 @@ def check_output_place(job: JobConfig, files: dict[str, str]) -> None:
             f"output folder {job.output.path} lies inside input {spec}: the next run would read "
             "its own results as input; choose an --output outside the input folders"
         )
-    for path in files.values():
+    for path in files:  # the inputs' real paths (what a run reads may be a copy in _inputs/)
         real = os.path.realpath(path)
         if Path(out) in Path(real).parents:
             raise InputError(

@@ -37,6 +37,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_LONG = ("truncate", "reject")
 EXECUTORS = ("local", "slurm", "mpi", "serial")
+OUTPUT_FORMATS = ("parquet", "batch-jsonl")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ class TaskConfig:
     """generate, with chat: the system message of every row."""
     system_column: str | None = None
     """generate, with chat: an input column giving each row its own system message."""
+    requests: bool = False
+    """generate: the rows are Batch-API requests (set when the inputs are request .jsonl files):
+    the text holds the messages, rendered with the chat template, and each row carries its own
+    max_tokens, temperature, top_p, seed, stop and response_format (pipeline/batch_api.py)."""
     reuse_prefix: bool = True
     """generate: rows whose prompts start with the same tokens (16 or more: a system message, a
     template's instructions) share that prefix's KV cache, computed once per worker; the outputs
@@ -138,6 +143,10 @@ class TaskConfig:
 
     def input_columns(self) -> tuple[str, ...]:
         """Input columns this task reads besides the text."""
+        if self.requests:
+            from .batch_api import REQUEST_COLUMNS
+
+            return REQUEST_COLUMNS
         named = (self.max_new_tokens_column, self.target_lang_column, self.system_column)
         return tuple(dict.fromkeys([*(c for c in named if c), *self.template_fields()]))
 
@@ -159,6 +168,9 @@ class OutputConfig:
     """The run folder: results, _rejected/, _manifest/, _SUCCESS."""
     overwrite: bool = False
     """Allow a run with a different config fingerprint to replace what the folder holds."""
+    format: str = "parquet"
+    """parquet (the run folder), or batch-jsonl: also Batch-API response files, _batch/results.jsonl
+    and _batch/errors.jsonl, written from the run folder whenever a run completes it."""
 
 
 @dataclass(frozen=True)
@@ -405,6 +417,14 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     need(
         cfg.cluster.executor in EXECUTORS,
         f"cluster.executor is {cfg.cluster.executor!r}; expected one of {', '.join(EXECUTORS)}",
+    )
+    need(
+        cfg.output.format != "batch-jsonl" or cfg.task.name == "generate",
+        "output.format = batch-jsonl writes chat completions: it is for task generate",
+    )
+    need(
+        cfg.output.format in OUTPUT_FORMATS,
+        f"output.format is {cfg.output.format!r}; expected one of {', '.join(OUTPUT_FORMATS)}",
     )
     need(cfg.cluster.workers > 0, f"cluster.workers must be > 0, got {cfg.cluster.workers}")
     need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")

@@ -76,6 +76,7 @@ LATER_OPTIONS = (
     "json_schema",
     "regex",
     "choices",
+    "requests",
 )
 
 

@@ -17,14 +17,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from .checks import check_job, check_output_place
+from .batch_api import is_requests_file, parquet_copy, write_responses
+from .checks import check_job, check_output_place, check_requests
 from .config import JobConfig
 from .counts import Counts
 from .dedupe import find_duplicates, pending_hashes, written_hashes
-from .errors import ModelError, RunStateError, Stopped
+from .errors import InputError, ModelError, RunStateError, Stopped
 from .fingerprint import fingerprint
 from .inputs import resolve_inputs
-from .ledger import Plan, extend, read_ledger, remove_withdrawn
+from .ledger import Plan, complete_records, extend, read_ledger, remove_withdrawn
 from .manifest import RunDir, atomic_write_bytes, atomic_write_json
 from .plan import Shard
 from .runner import ShardResult, is_complete, run_shard, warm, write_error
@@ -106,17 +107,41 @@ def run_infer(
     except Stopped:
         summary.interrupted = True
         return summary
+    job = as_requests_job(job, files)
     check_output_place(job, files)
     fp = fingerprint(job)
     run = RunDir.at(job.output.path)
     try:
         run.bind(fp, job.output.overwrite)
         with run.lock():
+            if job.task.requests:  # each request file is read through its Parquet copy
+                files = {k: parquet_copy(k, run.root / "_inputs") for k in files}
             return _Run(job, run, fp["sha"], files, stop, share, summary).go(
                 executor_factory, on_shard, on_start, launcher or {}, t0
             )
     except OSError as e:  # the folder itself: read-only, full, not a folder
         raise RunStateError(write_error(e, run)) from None
+
+
+def as_requests_job(job: JobConfig, files: dict[str, str]) -> JobConfig:
+    """The job as it reads Batch-API request files (.jsonl inputs), or unchanged."""
+    from dataclasses import replace
+
+    requests = [k for k in files if is_requests_file(k)]
+    if not requests:
+        return job
+    if len(requests) != len(files):
+        raise InputError(
+            f"the inputs mix Batch-API request files ({requests[0]}) and Parquet files "
+            f"({next(k for k in files if not is_requests_file(k))}); run them separately"
+        )
+    job = replace(
+        job,
+        input=replace(job.input, text_column="text", id_column="id"),
+        task=replace(job.task, requests=True),
+    )
+    check_requests(job)
+    return job
 
 
 class _Run:
@@ -211,6 +236,14 @@ class _Run:
                 )
             entry["notes"] = summary.notes
             atomic_write_json(entry_path, entry)
+            if whole and self.job.output.format == "batch-jsonl":
+                done = complete_records(run, self.sha)
+                model = os.path.basename(os.path.normpath(self.job.model.path))
+                written, errors = write_responses(run, done, model)
+                summary.notes.append(
+                    f"Batch-API responses: {written} in {run.root / '_batch' / 'results.jsonl'}, "
+                    f"{errors} in {run.root / '_batch' / 'errors.jsonl'}"
+                )
             if whole:
                 atomic_write_bytes(run.success, b"")
             else:  # e.g. a bad file named by this run: the folder is not all done

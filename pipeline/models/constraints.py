@@ -29,7 +29,7 @@ def grammar_of(task_cfg) -> str | None:
     from llguidance import LLMatcher
 
     if task_cfg.json_schema:
-        return LLMatcher.grammar_from_json_schema(task_cfg.json_schema, overrides=_JSON_OPTIONS)
+        return schema_grammar(task_cfg.json_schema)
     if task_cfg.regex:
         return LLMatcher.grammar_from_regex(task_cfg.regex)
     if task_cfg.choices:
@@ -37,6 +37,26 @@ def grammar_of(task_cfg) -> str | None:
             "start: " + " | ".join(json.dumps(c) for c in task_cfg.choices)
         )
     return None
+
+
+def schema_grammar(schema_json: str) -> str:
+    """The grammar for a JSON schema given as JSON text."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_json_schema(schema_json, overrides=_JSON_OPTIONS)
+
+
+@lru_cache(maxsize=256)
+def schema_problem(schema_json: str) -> str | None:
+    """Why the engine refuses a JSON schema (a Batch-API row's response_format), or None."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = schema_grammar(schema_json)
+    except ValueError as e:
+        return str(e)
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    return messages[0].strip() if is_error else None
 
 
 def grammar_problem(task_cfg) -> str | None:
@@ -66,22 +86,22 @@ def _ll_tokenizer(tokenizer, vocab_size: int):
 class RowConstraints:
     """One grammar matcher per row (None: the row is free), and the batch's token masks."""
 
-    def __init__(self, tokenizer, vocab_size: int, grammar: str | None, rows: int):
+    def __init__(self, tokenizer, vocab_size: int, grammar: str | None | list, rows: int):
+        """`grammar`: one for every row, or one per row (None: that row is free)."""
         from llguidance import LLExecutor, LLMatcher
 
-        self.grammar = grammar
+        self.grammars = grammar if isinstance(grammar, list) else [grammar] * rows
+        self.grammar = None if all(g is None for g in self.grammars) else "some"
         self.matchers: list = [None] * rows
-        if grammar is not None:  # a row's matcher is made when the row first decodes
-            self._new = lambda: LLMatcher(
-                _ll_tokenizer(tokenizer, vocab_size), grammar, log_level=0
-            )
+        # a row's matcher is made when the row first decodes
+        self._new = lambda g: LLMatcher(_ll_tokenizer(tokenizer, vocab_size), g, log_level=0)
         self.executor = LLExecutor()
         self._bits = torch.arange(32, dtype=torch.int32)
         self._words = (vocab_size + 31) // 32
 
     def _matcher(self, row: int):
-        if self.grammar is not None and self.matchers[row] is None:
-            self.matchers[row] = self._new()
+        if self.matchers[row] is None and self.grammars[row] is not None:
+            self.matchers[row] = self._new(self.grammars[row])
         return self.matchers[row]
 
     def mask(self, logits: torch.Tensor, rows: list[int | None]) -> None:
@@ -90,6 +110,7 @@ class RowConstraints:
         if self.grammar is None:
             return
         at = [(j, self._matcher(i)) for j, i in enumerate(rows) if i is not None]
+        at = [(j, m) for j, m in at if m is not None]
         if not at:
             return
         bitmask = torch.full((len(at), self._words), -1, dtype=torch.int32)
@@ -111,15 +132,15 @@ class RowConstraints:
     def advance(self, row: int, token: int) -> bool:
         """Feed the row's sampled token to its matcher; True when the grammar is complete (only
         the end of the text may follow)."""
-        if self.grammar is None:
-            return False
         m = self._matcher(row)
+        if m is None:
+            return False
         m.consume_token(token)
         return m.is_stopped()
 
     def complete(self, row: int) -> bool | None:
         """Whether the row's text is a whole sentence of the grammar (None: no grammar)."""
-        if self.grammar is None:
-            return None
         m = self._matcher(row)
+        if m is None:
+            return None
         return not m.is_error() and (m.is_accepting() or m.is_stopped())

@@ -53,6 +53,25 @@ def next_tokens(
     ).to(logits.device)
 
 
+GREEDY = Sampling()
+
+
+def rows_next_tokens(
+    logits: torch.Tensor, samplings: list[Sampling], gens: list[torch.Generator] | None
+) -> list[int]:
+    """next_tokens with each row's own Sampling: rows that share one are drawn together."""
+    out = [0] * len(samplings)
+    groups: dict[Sampling, list[int]] = {}
+    for j, s in enumerate(samplings):
+        groups.setdefault(s, []).append(j)
+    for s, rows in groups.items():
+        idx = torch.tensor(rows, device=logits.device)
+        picked = next_tokens(logits[idx], s, [gens[j] for j in rows] if gens else None)
+        for j, t in zip(rows, picked.tolist(), strict=True):
+            out[j] = t
+    return out
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(len(r) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
@@ -387,9 +406,9 @@ def generate(
     prompts: list[list[int]],
     ids: list[str],
     max_new_tokens: list[int],
-    sampling: Sampling,
+    sampling: Sampling | list[Sampling],
     eos_ids: set[int],
-    stop: tuple[str, ...] = (),
+    stop: tuple[str, ...] | list[tuple[str, ...]] = (),
     slots: int | None = None,
     constraints=None,
 ) -> list[Generated]:
@@ -402,13 +421,23 @@ def generate(
     compacted and they join it, left-padded to its cache length). Admission is longest-first (most new tokens allowed, then longest prompt), so
     the rows that take longest start first and no straggler runs alone at the end.
 
+    `sampling` and `stop` are the same for every row, or one per row (Batch-API requests carry
+    their own temperature, top_p, seed and stop strings).
+
     `constraints` (models/constraints.py RowConstraints): rows with a grammar draw only tokens
     it allows (their logits masked before greedy or sampled choice), in the same batches as free
     rows; a row whose grammar is complete ends there ("eos": the end is all it allows).
     """
     n = len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
-    gens = [row_generator(sampling.seed, i) for i in ids] if sampling.do_sample else None
+    row_sampling = sampling if isinstance(sampling, list) else [sampling] * n
+    row_stop = stop if isinstance(stop, list) else [stop] * n
+    sampled = any(s.do_sample for s in row_sampling)
+    gens = (
+        [row_generator(s.seed, i) for s, i in zip(row_sampling, ids, strict=True)]
+        if sampled
+        else None
+    )
     out: list[list[int]] = [[] for _ in range(n)]
     result: list[Generated | None] = [None] * n
     for i in range(n):
@@ -435,9 +464,9 @@ def generate(
         if constraints is not None and constraints.advance(i, t):
             result[i] = Generated(out[i], tokenizer.decode(out[i], skip_special_tokens=True), "eos")
             return True
-        if stop:
+        if row_stop[i]:
             text = tokenizer.decode(out[i], skip_special_tokens=True)
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            cut = min((text.find(s) for s in row_stop[i] if s in text), default=-1)
             if cut >= 0:
                 result[i] = Generated(out[i], text[:cut], "stop")
                 return True
@@ -486,7 +515,12 @@ def generate(
         rows_gens = [gens[i] if i is not None else idle for i in live] if gens else None
         if constraints is not None:
             constraints.mask(logits, live)
-        toks = next_tokens(logits, sampling, rows_gens).tolist()
+        if isinstance(sampling, Sampling):
+            toks = next_tokens(logits, sampling, rows_gens).tolist()
+        else:  # rows grouped by their own sampling parameters (dead slots: greedy)
+            toks = rows_next_tokens(
+                logits, [row_sampling[i] if i is not None else GREEDY for i in live], rows_gens
+            )
         for j, (i, t) in enumerate(zip(live, toks, strict=True)):
             if i is not None and finished(i, t):
                 live[j] = None

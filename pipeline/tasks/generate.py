@@ -64,10 +64,42 @@ class GenerateTask:
             from ..models.constraints import grammar_of
 
             self.grammar = grammar_of(task_cfg)
-            # the logits' width (a model's vocabulary may be padded past the tokenizer's)
-            self.vocab = int(
-                getattr(self.loaded.model.config, "vocab_size", 0) or len(self.loaded.tokenizer)
-            )
+        # the logits' width (a model's vocabulary may be padded past the tokenizer's)
+        self.vocab = int(
+            getattr(self.loaded.model.config, "vocab_size", 0) or len(self.loaded.tokenizer)
+        )
+
+    def _request_rows(self, extra: dict[str, list], limits: list[int], rejected: list) -> tuple:
+        """Each Batch-API row's own sampling, stop strings and grammar (from its response_format);
+        its max_tokens into `limits`; a row that is no valid request into `rejected`."""
+        from dataclasses import replace
+
+        from ..models.constraints import schema_grammar, schema_problem
+
+        samplings, stops, grammars = [], [], []
+        for i, error in enumerate(extra["request_error"]):
+            s, grammar = self.sampling, self.grammar
+            temperature, top_p, seed = (extra[k][i] for k in ("temperature", "top_p", "seed"))
+            if temperature is not None:  # 0: greedy, as the Batch API reads it
+                s = replace(s, do_sample=temperature > 0, temperature=temperature or 1.0)
+            if top_p is not None:
+                s = replace(s, top_p=top_p)
+            if seed is not None:
+                s = replace(s, seed=seed)
+            if extra["max_new_tokens"][i] is not None:
+                limits[i] = extra["max_new_tokens"][i]
+            schema = extra["response_format"][i]
+            if error:
+                rejected.append((i, "bad_request", error))
+            elif schema and (problem := schema_problem(schema)):
+                line = extra["line"][i]
+                rejected.append((i, "bad_request", f"line {line}: response_format: {problem}"))
+            elif schema:
+                grammar = schema_grammar(schema)
+            samplings.append(s)
+            stops.append((*self.cfg.stop, *(extra["stop"][i] or ())))
+            grammars.append(grammar)
+        return samplings, stops, grammars
 
     def process(self, texts: list[str], ids: list[str], extra: dict[str, list]) -> TaskOutput:
         import torch
@@ -87,8 +119,11 @@ class GenerateTask:
                     )
                 else:
                     limits[i] = v
-        built, unbuilt = build_prompts(cfg, tok, texts, extra)
-        rejected += [r for r in unbuilt if r[0] not in {i for i, _, _ in rejected}]
+        sampling, stops, grammars = self.sampling, cfg.stop, self.grammar
+        if cfg.requests:  # Batch-API rows: each with its own parameters
+            sampling, stops, grammars = self._request_rows(extra, limits, rejected)
+        built, unbuilt = build_prompts(cfg, tok, texts, extra, skip={i for i, _, _ in rejected})
+        rejected += unbuilt
         bad = {i for i, _, _ in rejected}
         prompts = [p if p is not None else [] for p in built]
         truncated = [False] * len(texts)
@@ -115,10 +150,14 @@ class GenerateTask:
         todo = [i for i in range(len(texts)) if i not in bad]
         results = {}
         constraints = None
-        if self.grammar is not None:
+        if isinstance(grammars, list):
+            grammars = [grammars[i] for i in todo]
+            if not any(g is not None for g in grammars):
+                grammars = None
+        if grammars is not None:
             from ..models.constraints import RowConstraints
 
-            constraints = RowConstraints(tok, self.vocab, self.grammar, len(todo))
+            constraints = RowConstraints(tok, self.vocab, grammars, len(todo))
         with torch.inference_mode():  # the whole shard through one continuously batched loop
             outs = generate(
                 self.lm,
@@ -126,9 +165,9 @@ class GenerateTask:
                 [prompts[i] for i in todo],
                 [ids[i] for i in todo],
                 [limits[i] for i in todo],
-                self.sampling,
+                [sampling[i] for i in todo] if isinstance(sampling, list) else sampling,
                 self.eos,
-                cfg.stop,
+                [stops[i] for i in todo] if isinstance(stops, list) else stops,
                 slots=cfg.batch_size or ROWS_PER_CALL,
                 constraints=constraints,
             )

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ..config import TaskConfig
 from ..errors import ConfigError
 
@@ -26,13 +28,22 @@ def render_template(template: str, text: str, row: dict) -> str:
 
 
 def build_prompts(
-    cfg: TaskConfig, tokenizer, texts: list[str], extra: dict[str, list]
+    cfg: TaskConfig, tokenizer, texts: list[str], extra: dict[str, list], skip=frozenset()
 ) -> tuple[list[list[int] | None], list[tuple[int, str, str]]]:
-    """Token ids of each row's prompt (None where rejected), and the rejected rows
-    (index, reason, detail)."""
+    """Token ids of each row's prompt (None where rejected or in `skip`), and the rows it
+    rejected (index, reason, detail). Batch-API rows (cfg.requests): the text is the request's
+    messages as JSON, rendered with the chat template."""
     n = len(texts)
-    prompts: list[str | None] = list(texts)
+    prompts: list[str | None] = [None if i in skip else t for i, t in enumerate(texts)]
     rejected: list[tuple[int, str, str]] = []
+    if cfg.requests:
+        _need_chat_template(tokenizer)
+        for i in range(n):
+            if prompts[i] is not None:
+                prompts[i] = tokenizer.apply_chat_template(
+                    json.loads(prompts[i]), tokenize=False, add_generation_prompt=True
+                )
+        return _tokenize(tokenizer, prompts, special=False), rejected
 
     def reject(i: int, detail: str) -> None:
         if prompts[i] is not None:
@@ -49,12 +60,7 @@ def build_prompts(
             else:
                 prompts[i] = render_template(cfg.prompt_template, texts[i], row)
     if cfg.chat:
-        if not has_chat_template(tokenizer):
-            raise ConfigError(
-                "task.chat = true, but the model folder's tokenizer has no chat template "
-                "(tokenizer_config.json chat_template, or chat_template.jinja); leave chat out "
-                "and write the prompt with task.prompt_template"
-            )
+        _need_chat_template(tokenizer)
         systems = extra[cfg.system_column] if cfg.system_column else [cfg.system] * n
         for i in range(n):
             if prompts[i] is None:
@@ -67,10 +73,25 @@ def build_prompts(
             prompts[i] = tokenizer.apply_chat_template(
                 turns, tokenize=False, add_generation_prompt=True
             )
-    todo = [i for i in range(n) if prompts[i] is not None]
-    ids: list[list[int] | None] = [None] * n
+    return _tokenize(tokenizer, prompts, special=not cfg.chat), rejected
+
+
+def _need_chat_template(tokenizer) -> None:
+    if not has_chat_template(tokenizer):
+        raise ConfigError(
+            "the prompts are chat turns (task.chat, or Batch-API requests), but the model "
+            "folder's tokenizer has no chat template (tokenizer_config.json chat_template, or "
+            "chat_template.jinja); use a chat model, or build the prompt with task.prompt_template"
+        )
+
+
+def _tokenize(tokenizer, prompts: list[str | None], special: bool) -> list[list[int] | None]:
+    """Token ids of the prompts that are there (special tokens added unless the prompt is a
+    rendered chat template, which holds its own)."""
+    todo = [i for i, p in enumerate(prompts) if p is not None]
+    ids: list[list[int] | None] = [None] * len(prompts)
     if todo:
-        enc = tokenizer([prompts[i] for i in todo], add_special_tokens=not cfg.chat)["input_ids"]
+        enc = tokenizer([prompts[i] for i in todo], add_special_tokens=special)["input_ids"]
         for i, e in zip(todo, enc, strict=True):
             ids[i] = e
-    return ids, rejected
+    return ids
