@@ -25,9 +25,10 @@ def check_job(job: JobConfig) -> None:
             f"{job.task.name} ({', '.join(names)}); the output cannot hold two columns of one name: "
             "leave it out of --keep-column, or rename it in the input"
         )
-    if job.task.chat and not _has_chat_template(job.model.path):
+    if (job.task.chat or job.task.messages_column) and not _has_chat_template(job.model.path):
+        what = "task.chat = true" if job.task.chat else "task.messages_column holds chats"
         raise ConfigError(
-            f"task.chat = true, but the model folder {job.model.path} has no chat template "
+            f"{what}, but the model folder {job.model.path} has no chat template "
             "(chat_template in tokenizer_config.json, or chat_template.jinja); leave task.chat "
             "out and build the prompt with task.prompt_template"
         )

@@ -50,6 +50,9 @@ class InputConfig:
     """The row-key column. Unset: 'id' when the file has one, else '<real path of the file>:<row>'."""
     keep_columns: tuple[str, ...] = ()
     """Input columns copied into the output, after the task's own columns."""
+    text_kind: str = "string"
+    """Set from the task, not by hand: messages when task.messages_column names the text column
+    (a list of {role, content} structs, read as JSON text)."""
     shard_rows: int = 100_000
     """Rows per shard, the unit of work and of memory: big files are split by row groups,
     small ones packed together. Applies to files not yet planned in the run folder."""
@@ -108,6 +111,9 @@ class TaskConfig:
     """generate, with chat: the system message of every row."""
     system_column: str | None = None
     """generate, with chat: an input column giving each row its own system message."""
+    messages_column: str | None = None
+    """generate: an input column holding each row's whole chat, a list of {role, content} structs,
+    rendered with the model folder's chat template (instead of a text column)."""
     requests: bool = False
     """generate: the rows are Batch-API requests (set when the inputs are request .jsonl files):
     the text holds the messages, rendered with the chat template, and each row carries its own
@@ -343,8 +349,12 @@ def load_job(
 
 def _with_schema_file(cfg: JobConfig, where: str) -> JobConfig:
     """Validate; the schema of task.json_schema_file is read into task.json_schema (so the run's
-    fingerprint holds the schema itself, and a changed file is a changed config)."""
+    fingerprint holds the schema itself, and a changed file is a changed config); with
+    task.messages_column, that column is the text the rows are read by."""
     t = cfg.task
+    if t.messages_column:
+        text = {"text_column": t.messages_column, "text_kind": "messages"}
+        cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, **text))
     if t.json_schema_file:
         if t.json_schema:
             raise ConfigError(f"{where}: give task.json_schema or task.json_schema_file, not both")
@@ -432,8 +442,9 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
 
 def _validate_prompting(t: TaskConfig, need) -> None:
     """prompt_template, chat and the output constraints: generate's, and well formed."""
-    used = [k for k in ("prompt_template", "system", "system_column", "json_schema", "regex")
-            if getattr(t, k)] + [k for k in ("chat", "choices") if getattr(t, k)]  # fmt: skip
+    used = [k for k in ("prompt_template", "system", "system_column", "json_schema", "regex",
+                        "messages_column") if getattr(t, k)] + [
+        k for k in ("chat", "choices") if getattr(t, k)]  # fmt: skip
     need(
         not used or t.name == "generate",
         f"task.{used[0] if used else ''} is for task generate, not {t.name}",
@@ -453,6 +464,11 @@ def _validate_prompting(t: TaskConfig, need) -> None:
                 "(no indexing, attributes or empty {}); write a literal brace as {{ or }}",
             )
     need(not (t.system and t.system_column), "give task.system or task.system_column, not both")
+    need(
+        not t.messages_column or not (t.prompt_template or t.chat or t.system or t.system_column),
+        "task.messages_column holds whole chats: leave task.prompt_template, task.chat, "
+        "task.system and task.system_column out",
+    )
     need(
         t.chat or not (t.system or t.system_column),
         "task.system / task.system_column need task.chat = true (a system message is a chat turn)",

@@ -77,6 +77,7 @@ LATER_OPTIONS = (
     "regex",
     "choices",
     "requests",
+    "messages_column",
 )
 
 

@@ -159,7 +159,13 @@ class _Run:
         cfg = self.job.input
         columns = self.job.task.input_columns()
         plan = extend(
-            self.run, self.files, cfg.text_column, cfg.shard_rows, task_columns=columns, **kw
+            self.run,
+            self.files,
+            cfg.text_column,
+            cfg.shard_rows,
+            task_columns=columns,
+            text_kind=cfg.text_kind,
+            **kw,
         )
         for key, why in plan.problems.items():
             self.summary.failed[f"file {key}"] = why

@@ -125,6 +125,7 @@ def extend(
     retract: dict[str, str] | None = None,
     alone: frozenset[str] = frozenset(),
     task_columns: tuple[str, ...] = (),
+    text_kind: str = "string",
 ) -> Plan:
     """Bring the plan up to date with `files` ({key: path}, this run's inputs); return this run's
     view. `retract`: shards to withdraw besides those of changed files; `alone`: file keys to plan
@@ -185,7 +186,9 @@ def extend(
         }
         gen = ledger.generations
         prefix = f"{gen:05d}"
-        fresh, problems = plan_files(whole, text_column, shard_rows, prefix, alone, task_columns)
+        fresh, problems = plan_files(
+            whole, text_column, shard_rows, prefix, alone, task_columns, text_kind
+        )
         problems.update(unreadable)
         repacked = pack(kept, shard_rows, prefix, alone)
         new = [replace(s, id=f"{prefix}-{i:05d}") for i, s in enumerate([*repacked, *fresh])]

@@ -101,11 +101,25 @@ def is_string_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def is_messages_type(t: pa.DataType) -> bool:
+    """A chat: list<struct<role: string, content: string, ...>>."""
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return False
+    item = t.value_type
+    names = [item.field(k).name for k in range(item.num_fields)] if pa.types.is_struct(item) else []
+    return all(n in names and is_string_type(item.field(n).type) for n in ("role", "content"))
+
+
 def text_column_problem(
-    schema: pa.Schema, text_column: str, where: str, task_columns: tuple[str, ...] = ()
+    schema: pa.Schema,
+    text_column: str,
+    where: str,
+    task_columns: tuple[str, ...] = (),
+    text_kind: str = "string",
 ) -> str | None:
     """Why a file with `schema` cannot be a corpus shard (no text column, or none of the columns
-    the task's options name: `task_columns`), or None."""
+    the task's options name: `task_columns`), or None. `text_kind` messages: the text column is
+    a chat (task.messages_column)."""
     from . import schemas
 
     ref = schemas.load("corpus").ref
@@ -115,7 +129,13 @@ def text_column_problem(
             f"expected the text in a string column ({ref}); name it with --text-column"
         )
     t = schema.field(text_column).type
-    if not is_string_type(t):
+    if text_kind == "messages":
+        if not is_messages_type(t):
+            return (
+                f"column {text_column!r} is {t} in {where}; task.messages_column expects a list "
+                "of {role, content} structs (strings)"
+            )
+    elif not is_string_type(t):
         return (
             f"column {text_column!r} is {t} in {where}; expected string ({ref}); "
             "convert it or name the text column with --text-column"
@@ -131,7 +151,12 @@ def text_column_problem(
 
 
 def file_pieces(
-    key: str, path: str, text_column: str, shard_rows: int, task_columns: tuple[str, ...] = ()
+    key: str,
+    path: str,
+    text_column: str,
+    shard_rows: int,
+    task_columns: tuple[str, ...] = (),
+    text_kind: str = "string",
 ) -> tuple[list[Piece], str | None]:
     """Split one file into row-group ranges of at most `shard_rows` rows (at least one group);
     or no pieces and the reason the file cannot be planned."""
@@ -145,7 +170,7 @@ def file_pieces(
                 return [], f"input file {path} is not readable Parquet ({e})"
     except OSError as e:
         return [], f"input file {path} cannot be opened ({e.strerror or e})"
-    problem = text_column_problem(schema, text_column, path, task_columns)
+    problem = text_column_problem(schema, text_column, path, task_columns, text_kind)
     if problem:
         return [], problem
     pieces, start, rows = [], 0, 0
@@ -184,12 +209,13 @@ def plan_files(
     prefix: str,
     alone: frozenset[str] = frozenset(),
     task_columns: tuple[str, ...] = (),
+    text_kind: str = "string",
 ) -> tuple[list[Shard], dict[str, str]]:
     """Shards for `files` ({key: path}), and {key: problem} for the files that cannot be planned."""
     pieces: list[Piece] = []
     problems: dict[str, str] = {}
     for key, path in files.items():
-        got, problem = file_pieces(key, path, text_column, shard_rows, task_columns)
+        got, problem = file_pieces(key, path, text_column, shard_rows, task_columns, text_kind)
         if problem:
             problems[key] = problem
         pieces += got

@@ -8,6 +8,7 @@ rejects those rows with a reason. A file is read only while it is the version th
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -173,7 +174,7 @@ def _read_piece(
     f: pq.ParquetFile, piece: Piece, path: str, cfg: InputConfig, task_columns: tuple[str, ...]
 ) -> ShardData:
     schema = f.schema_arrow
-    problem = text_column_problem(schema, cfg.text_column, path, task_columns)
+    problem = text_column_problem(schema, cfg.text_column, path, task_columns, cfg.text_kind)
     if problem:
         raise InputError(problem)
     id_col = _id_column(schema, cfg, path)
@@ -189,7 +190,11 @@ def _read_piece(
     columns = list(dict.fromkeys(wanted))
     try:
         table = f.read_row_groups(range(start, stop), columns=columns)
-        texts, invalid = _decode(table.column(cfg.text_column))
+        if cfg.text_kind == "messages":  # a chat per row, as JSON text (null stays null)
+            chats = table.column(cfg.text_column).to_pylist()
+            texts, invalid = [None if c is None else json.dumps(c) for c in chats], {}
+        else:
+            texts, invalid = _decode(table.column(cfg.text_column))
         if id_col is None:
             ids = [f"{piece.key}:{r}" for r in range(first_row, first_row + table.num_rows)]
         else:

@@ -341,3 +341,32 @@ def test_usage_is_counted_per_row_and_in_the_totals(tmp_path, chat_gpt2, reviews
     assert line in run_cli("status", tmp_path / "o", check=True).stdout
     run_cli("report", tmp_path / "o", "--out", tmp_path / "report", check=True)
     assert line in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_messages_column_is_rendered_with_the_chat_template(tmp_path, chat_gpt2):
+    """Whole chats in a list<struct<role, content>> column (no text column): the prompt is the
+    chat template's rendering, as apply_chat_template gives it; a malformed chat is rejected."""
+    chats = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": t}]
+        for t in sample_texts(6, seed=2, max_words=10)
+    ] + [[], None, [{"role": "user", "content": None}]]
+    c = tmp_path / "c"
+    c.mkdir()
+    pq.write_table(
+        pa.table({"id": [f"m{i}" for i in range(len(chats))], "chat": chats}), c / "chats.parquet"
+    )
+    proc = generate(chat_gpt2, tmp_path / "o", c, {"messages_column": "chat", "max_new_tokens": 6})
+    assert proc.returncode == 0, proc.stderr
+    tok = AutoTokenizer.from_pretrained(chat_gpt2)
+    prompts = [
+        tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"]
+        for chat in chats[:6]
+    ]
+    want = hf_generate_constrained(chat_gpt2, prompts, [6] * 6, grammar=None)
+    got = by_id(tmp_path / "o")
+    assert sorted(got) == [f"m{i}" for i in range(6)]
+    for i, (ids, new) in enumerate(zip(prompts, want, strict=True)):
+        assert got[f"m{i}"]["prompt_tokens"] == len(ids)
+        assert got[f"m{i}"]["generated"] == tok.decode(new, skip_special_tokens=True)
+    rejected = {r["id"]: r["reason"] for r in read_sorted(tmp_path / "o" / "_rejected").to_pylist()}
+    assert rejected == {"m6": "bad_value", "m7": "null_text", "m8": "bad_value"}

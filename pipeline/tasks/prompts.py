@@ -36,13 +36,25 @@ def build_prompts(
     n = len(texts)
     prompts: list[str | None] = [None if i in skip else t for i, t in enumerate(texts)]
     rejected: list[tuple[int, str, str]] = []
-    if cfg.requests:
+    if cfg.requests or cfg.messages_column:  # the text is a whole chat, as JSON
         _need_chat_template(tokenizer)
         for i in range(n):
-            if prompts[i] is not None:
-                prompts[i] = tokenizer.apply_chat_template(
-                    json.loads(prompts[i]), tokenize=False, add_generation_prompt=True
-                )
+            if prompts[i] is None:
+                continue
+            chat = json.loads(prompts[i])
+            if not chat or not all(
+                isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in chat
+            ):
+                rejected.append(
+                    (i, "bad_value", f"{cfg.messages_column}: expected a non-empty list of "
+                     "{role, content} with both set")
+                )  # fmt: skip
+                prompts[i] = None
+                continue
+            turns = [{"role": m["role"], "content": m["content"]} for m in chat]
+            prompts[i] = tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=True
+            )
         return _tokenize(tokenizer, prompts, special=False), rejected
 
     def reject(i: int, detail: str) -> None:
