@@ -253,7 +253,7 @@ def write_responses(run, records: dict[str, dict], model: str) -> tuple[int, int
                 }
             )
     for name, entries in (("results.jsonl", results), ("errors.jsonl", errors)):
-        tmp = out_dir / f"{name}.tmp"
+        tmp = out_dir / f"{name}.{os.getpid()}.tmp"  # array tasks may finish together
         tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
         os.replace(tmp, out_dir / name)
     return len(results), len(errors)
