@@ -160,29 +160,61 @@ def parse_request(line: str) -> dict:
     }
 
 
+# Rows per row group of a request file's Parquet copy: the planner splits files by row groups,
+# so a big request file is many shards (parallel, resumable), as a big Parquet file is.
+ROW_GROUP = 64
+
+
+def line_id(n: int) -> str:
+    """The id of a line that has no usable custom_id: it starts with a NUL character, which a
+    custom_id may not hold, so it is nobody's id."""
+    return f"\x00line {n}"
+
+
+def _row(n: int, raw: bytes) -> dict:
+    row = dict.fromkeys(SCHEMA.names)
+    row["line"] = n
+    line = raw.decode("utf-8", errors="replace")
+    try:
+        try:
+            custom = json.loads(line).get("custom_id")
+        except (ValueError, AttributeError, RecursionError):
+            custom = None
+        row["id"] = custom if isinstance(custom, str) and custom else None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        try:
+            row.update(parse_request(line))
+        except RecursionError:
+            raise BadRequest("nested too deeply") from None
+        if row["id"] is None:
+            raise BadRequest("no custom_id string")
+        if "\x00" in row["id"]:
+            row["id"] = None
+            raise BadRequest("custom_id holds a NUL character")
+        try:  # JSON's \ud800 escapes are lone surrogates: not text Parquet can hold
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
+    except BadRequest as e:
+        row = {**dict.fromkeys(SCHEMA.names), "line": n, "id": row["id"]}
+        row["text"] = line.strip().encode("utf-8", "replace").decode("utf-8")  # for errors.jsonl
+        row["request_error"] = f"line {n}: {e}"
+        row["id"] = row["id"] or line_id(n)
+    return row
+
+
 def requests_table(path: str) -> pa.Table:
     """Every non-blank line of a Batch-API request file as a row (bad lines too, with why)."""
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = dict.fromkeys(SCHEMA.names)
-            row["line"] = n
-            try:
-                custom = json.loads(line).get("custom_id")
-            except (ValueError, AttributeError):
-                custom = None
-            row["id"] = custom if isinstance(custom, str) and custom else None
-            try:
-                row.update(parse_request(line))
-                if row["id"] is None:
-                    raise BadRequest("no custom_id string")
-            except BadRequest as e:
-                row["text"] = line.strip()  # kept, for the error file; the task rejects the row
-                row["request_error"] = f"line {n}: {e}"
-                row["id"] = row["id"] or f"line-{n}"
-            rows.append(row)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw = raw[3:]
+            if raw.strip():
+                rows.append(_row(n, raw))
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
@@ -201,7 +233,7 @@ def parquet_copy(jsonl: str, folder: Path) -> str:
     table = requests_table(jsonl)
     table = table.replace_schema_metadata({b"fastserve.source": stamp})
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP)
     os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
     os.replace(tmp, target)
     return str(target)
@@ -244,10 +276,11 @@ def write_responses(run, records: dict[str, dict], model: str) -> tuple[int, int
             )
         rejected = run.rejected_path(shard_id)
         for row in pq.read_table(rejected).to_pylist() if rejected.exists() else []:
+            line_only = row["id"] is not None and row["id"].startswith("\x00")
             errors.append(
                 {
                     "id": f"batch_req_{row['id']}",
-                    "custom_id": row["id"],
+                    "custom_id": None if line_only else row["id"],
                     "response": None,
                     "error": {"code": row["reason"], "message": row["detail"]},
                 }

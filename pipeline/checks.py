@@ -45,10 +45,14 @@ def check_requests(job: JobConfig) -> None:
             f"the inputs are Batch-API request files (.jsonl): they are for task generate, "
             f"not {job.task.name}"
         )
-    if job.task.prompt_template or job.task.chat:
+    t = job.task
+    per_row = ("prompt_template", "chat", "system", "system_column", "messages_column",
+               "max_new_tokens_column")  # fmt: skip
+    given = [k for k in per_row if getattr(t, k)]
+    if given or job.input.keep_columns:
         raise ConfigError(
-            "the inputs are Batch-API request files: their messages are the prompts; leave "
-            "task.prompt_template and task.chat out"
+            "the inputs are Batch-API request files: each request carries its own messages and "
+            f"parameters; leave {', '.join(f'task.{k}' for k in given) or '--keep-column'} out"
         )
     if not _has_chat_template(job.model.path):
         raise ConfigError(

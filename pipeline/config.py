@@ -129,7 +129,7 @@ class TaskConfig:
     """generate: a JSON file holding the schema (read when the job is loaded)."""
     regex: str | None = None
     """generate: a regular expression the whole output must match."""
-    choices: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
     """generate: the output is exactly one of these strings."""
     num_beams: int = 1
     """translate: beam width (1 is greedy)."""
@@ -157,15 +157,16 @@ class TaskConfig:
         return tuple(dict.fromkeys([*(c for c in named if c), *self.template_fields()]))
 
     def template_fields(self) -> tuple[str, ...]:
-        """The input columns prompt_template names, but the text ({text})."""
+        """The input columns prompt_template names, but the text ({text}); fields nested in a
+        format spec ({price:{width}}) included."""
         if not self.prompt_template:
             return ()
-        fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f]
+        fields = [f for f in _template_fields(self.prompt_template) if f]
         return tuple(dict.fromkeys(f for f in fields if f != "text"))
 
     @property
     def constrained(self) -> bool:
-        return bool(self.json_schema or self.regex or self.choices)
+        return bool(self.json_schema or self.regex is not None or self.choices)
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,21 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")
 
 
+def _template_fields(template: str) -> list[str]:
+    """Every field of a format string, those nested in format specs too ('' for {}); ValueError
+    for a string that is not one."""
+    out = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(f"unknown conversion !{conversion} in {{{name}!{conversion}}}")
+        out.append(name)
+        if spec:
+            out += _template_fields(spec)
+    return out
+
+
 def _validate_prompting(t: TaskConfig, need) -> None:
     """prompt_template, chat and the output constraints: generate's, and well formed."""
     used = [k for k in ("prompt_template", "system", "system_column", "json_schema", "regex",
@@ -451,7 +467,7 @@ def _validate_prompting(t: TaskConfig, need) -> None:
     )
     if t.prompt_template:
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(t.prompt_template)]
+            fields = _template_fields(t.prompt_template)
         except ValueError as e:
             raise ConfigError(
                 f"task.prompt_template {t.prompt_template!r} is not a format string ({e}); "
@@ -459,7 +475,7 @@ def _validate_prompting(t: TaskConfig, need) -> None:
             ) from None
         for f in fields:
             need(
-                f is None or (f and not f.isdigit() and not any(c in f for c in ".[]")),
+                f and not f.isdigit() and not any(c in f for c in ".[]"),
                 f"task.prompt_template field {{{f}}} must name an input column plainly "
                 "(no indexing, attributes or empty {}); write a literal brace as {{ or }}",
             )
@@ -478,7 +494,9 @@ def _validate_prompting(t: TaskConfig, need) -> None:
         len(kinds) <= 1,
         f"give one of task.json_schema, task.regex, task.choices (got {', '.join(kinds)})",
     )
+    need(t.choices is None or len(t.choices) > 0, "task.choices is empty; give the outputs allowed")
     need(all(t.choices) if t.choices else True, "task.choices holds an empty string; remove it")
+    need(t.regex is None or t.regex != "", "task.regex is empty; give a pattern or leave it out")
     if kinds:
         from .models.constraints import grammar_problem
 

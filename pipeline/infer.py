@@ -195,8 +195,10 @@ class _Run:
         summary.shards_total = len(plan.shards)
         summary.shards_skipped = len(plan.shards) - len(pending)
         entry["shards_pending"] = len(mine)
-        if mine:
+        if mine:  # the folder is about to change: what describes it whole goes until it is
             run.success.unlink(missing_ok=True)
+            for name in ("results.jsonl", "errors.jsonl"):
+                (run.root / "_batch" / name).unlink(missing_ok=True)
 
         with executor_factory(self.job.cluster) as ex:
             summary.dashboard = getattr(ex, "dashboard_link", None)

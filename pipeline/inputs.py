@@ -150,7 +150,10 @@ def resolve_inputs(
                 if f.endswith(".parquet") and not f.startswith(("_", "."))
             ]
             if not files:
-                raise InputError(f"input folder {spec} holds no *.parquet file")
+                raise InputError(
+                    f"input folder {spec} holds no *.parquet file (Batch-API request files, "
+                    "*.jsonl, are named one by one or by a glob such as 'requests/*.jsonl')"
+                )
             for f in files:
                 add(f)
         elif os.path.lexists(spec) and not os.path.isdir(spec):

@@ -59,6 +59,9 @@ LINES = [
     "",  # a blank line: no request, no row
     json.dumps(request("greedy-1", "a second request with the same id", max_tokens=3)),  # line 9
     json.dumps(request("hot", "too hot", temperature=5)),  # line 10: out of range
+    "[" * 100_000,  # line 11: nested too deeply for any parser
+    '{"custom_id": "sur", "body": {"messages": [{"role": "user", "content": "x\\ud800y"}]}}',
+    json.dumps(request("line 6", "an id like a line's", max_tokens=3, temperature=0)),  # line 13
 ]
 
 
@@ -86,12 +89,17 @@ def test_a_request_file_goes_through_and_every_line_is_accounted_for(tmp_path, c
     results = read_jsonl(tmp_path / "out" / "_batch" / "results.jsonl")
     errors = read_jsonl(tmp_path / "out" / "_batch" / "errors.jsonl")
     # rows in (the non-blank lines) = results + errors
-    assert len(results) + len(errors) == 9
+    assert len(results) + len(errors) == 12
     assert sorted(r["custom_id"] for r in results) == sorted(
-        ["greedy-1", "greedy-2", "sampled", "stopped", "json"]
+        ["greedy-1", "greedy-2", "sampled", "stopped", "json", "line 6"]
     )
-    why = {e["custom_id"]: e["error"] for e in errors}
-    assert why["line-6"]["code"] == "bad_request" and "line 6: not JSON" in why["line-6"]["message"]
+    why = {e["custom_id"]: e["error"] for e in errors if e["custom_id"]}
+    lines = {e["error"]["message"].split(":")[0]: e for e in errors if not e["custom_id"]}
+    assert sorted(lines) == ["line 11", "line 6"]  # no usable custom_id: null in errors
+    assert "line 6: not JSON" in lines["line 6"]["error"]["message"]
+    assert "nested too deeply" in lines["line 11"]["error"]["message"]
+    assert "line 12: a string holds a lone surrogate" in why["sur"]["message"]
+    assert all(e["error"]["code"] == "bad_request" for e in lines.values())
     assert (
         why["typo"]["code"] == "bad_request"
         and "line 7: unknown field 'bodyy'" in why["typo"]["message"]
@@ -149,6 +157,9 @@ def test_bad_request_files_and_options_are_clear_errors(tmp_path, chat_model, cl
                    "--output", tmp_path / "o2")  # fmt: skip
     assert proc.returncode == 2 and "for task generate" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+    (tmp_path / "job.toml").write_text('[task]\nmax_new_tokens_column = "limit"\n')
+    proc = run(chat_model, requests, tmp_path / "o3", "--config", tmp_path / "job.toml")
+    assert proc.returncode == 2 and "leave task.max_new_tokens_column out" in proc.stderr
 
 
 def test_the_request_table_keeps_every_line():
@@ -157,9 +168,42 @@ def test_the_request_table_keeps_every_line():
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write("\n".join(LINES) + "\n")
     table = requests_table(f.name).to_pylist()
-    assert [r["line"] for r in table] == [1, 2, 3, 4, 5, 6, 7, 9, 10]
-    assert [r["request_error"] is None for r in table] == [True] * 5 + [False, False, True, False]
+    assert [r["line"] for r in table] == [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13]
+    ok = [True] * 5 + [False, False, True, False, False, False, True]
+    assert [r["request_error"] is None for r in table] == ok
     assert (
         table[2]["temperature"] == 1.2 and table[2]["seed"] == 7 and table[2]["max_new_tokens"] == 7
     )
     assert table[3]["stop"] == ["e"] and json.loads(table[4]["response_format"]) == SCHEMA
+
+
+def test_undecodable_bytes_a_bom_and_a_big_file(tmp_path, chat_model):
+    """Bytes that are not UTF-8 reject their line only; a byte-order mark is no reason to lose
+    the first request; a big request file is many shards (parallel, resumable)."""
+    requests = tmp_path / "requests.jsonl"
+    good = [
+        json.dumps(request(f"r{i:03d}", "works fine", max_tokens=1, temperature=0))
+        for i in range(149)
+    ]
+    bad = json.dumps(request("latin1", "caf\u00e9", max_tokens=2)).replace("\\u00e9", "\xe9")
+    requests.write_bytes(b"\xef\xbb\xbf" + "\n".join([*good, bad]).encode("latin-1") + b"\n")
+    proc = run(chat_model, requests, tmp_path / "out", "--shard-rows", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 shards" in proc.stderr  # 150 rows in row groups of 64: shards of at most 64 rows
+    results = read_jsonl(tmp_path / "out" / "_batch" / "results.jsonl")
+    errors = read_jsonl(tmp_path / "out" / "_batch" / "errors.jsonl")
+    assert sorted(r["custom_id"] for r in results) == [f"r{i:03d}" for i in range(149)]
+    assert len(errors) == 1 and "line 150: not valid UTF-8" in errors[0]["error"]["message"]
+    assert errors[0]["custom_id"] == "latin1"  # its custom_id was readable
+
+
+def test_batch_files_never_describe_a_folder_that_changed_since(tmp_path, chat_model):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(LINES[0] + "\n")
+    assert run(chat_model, requests, tmp_path / "out").returncode == 0
+    assert (tmp_path / "out" / "_batch" / "results.jsonl").exists()
+    requests.write_text(LINES[0] + "\n" + LINES[1] + "\n")
+    proc = run_cli("infer", "--task", "generate", "--model", chat_model, "--input", requests,
+                   "--output", tmp_path / "out", "--executor", "serial")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "out" / "_batch" / "results.jsonl").exists()  # not stale: gone

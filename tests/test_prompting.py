@@ -207,6 +207,9 @@ def test_unconstrained_rows_still_equal_model_generate(tmp_path, chat_gpt2, revi
         ({"prompt_template": "{0} and {text}"}, "task.prompt_template field {0}"),
         ({"prompt_template": "{text"}, "is not a format string"),
         ({"system": "hi"}, "need task.chat = true"),
+        ({"choices": []}, "task.choices is empty"),
+        ({"regex": ""}, "task.regex is empty"),
+        ({"prompt_template": "{text!x}"}, "unknown conversion !x"),
     ],
 )
 def test_bad_prompting_options_are_one_clear_error(tmp_path, chat_gpt2, reviews, task, needle):
@@ -370,3 +373,39 @@ def test_a_messages_column_is_rendered_with_the_chat_template(tmp_path, chat_gpt
         assert got[f"m{i}"]["generated"] == tok.decode(new, skip_special_tokens=True)
     rejected = {r["id"]: r["reason"] for r in read_sorted(tmp_path / "o" / "_rejected").to_pylist()}
     assert rejected == {"m6": "bad_value", "m7": "null_text", "m8": "bad_value"}
+
+
+def test_template_fields_in_format_specs_and_rows_a_format_does_not_fit(
+    tmp_path, chat_gpt2, reviews
+):
+    """{text:{width}} reads the width column too; a format the row's value cannot take ({x:d} on
+    a string) rejects that row with the reason, never the shard."""
+    c = tmp_path / "c"
+    c.mkdir()
+    rows = pq.read_table(reviews / "reviews.parquet").to_pylist()
+    pq.write_table(
+        pa.table(
+            {
+                "id": [r["id"] for r in rows],
+                "text": [r["text"] for r in rows],
+                "product": [r["product"] or "pen" for r in rows],
+                "width": ["8" if i % 3 else "x" for i in range(len(rows))],
+            }
+        ),
+        c / "w.parquet",
+    )
+    task = {"prompt_template": "{product:>{width}}: {text}", "max_new_tokens": 4}
+    proc = generate(chat_gpt2, tmp_path / "o", c, task)
+    assert proc.returncode == 0, proc.stderr
+    assert read_sorted(tmp_path / "o").num_rows == 16
+    rejected = read_sorted(tmp_path / "o" / "_rejected").to_pylist()
+    assert len(rejected) == 8 and all("does not fit this row" in r["detail"] for r in rejected)
+
+
+def test_a_stop_string_ends_a_constrained_row_and_it_is_not_parsed_ok(tmp_path, chat_gpt2, reviews):
+    task = {"json_schema": SCHEMA, "stop": ['"'], "max_new_tokens": 30}
+    assert generate(chat_gpt2, tmp_path / "o", reviews, task).returncode == 0
+    rows = read_sorted(tmp_path / "o").to_pylist()
+    assert len(rows) == 24
+    for r in rows:  # every JSON object here holds a quote: the stop string ends each row first
+        assert r["finish_reason"] == "stop" and r["generated"] == "{" and r["parsed_ok"] is False

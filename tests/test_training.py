@@ -211,17 +211,7 @@ def test_lstm_learns_and_export_serves_generate(workdir):
     prompts = workdir / "prompts"
     write_corpus(prompts, n_files=1, rows=6, prefix="p")
     run_cli(
-        "infer",
-        "--task",
-        "generate",
-        "--model",
-        export,
-        "--input",
-        prompts,
-        "--output",
-        workdir / "gen",
-        "--workers",
-        "1",
+        *infer_args(export, workdir / "gen", prompts, task="generate"),
         "--config",
         _gen_toml(workdir),
         check=True,
@@ -236,17 +226,7 @@ def test_gpt_export_round_trip_into_infer(workdir, reference):
     prompts = workdir / "prompts-gpt"
     write_corpus(prompts, n_files=1, rows=4, prefix="g")
     run_cli(
-        "infer",
-        "--task",
-        "generate",
-        "--model",
-        export,
-        "--input",
-        prompts,
-        "--output",
-        workdir / "gen-gpt",
-        "--workers",
-        "1",
+        *infer_args(export, workdir / "gen-gpt", prompts, task="generate"),
         "--config",
         _gen_toml(workdir),
         check=True,

@@ -461,15 +461,16 @@ def generate(
             result[i] = Generated(out[i], tokenizer.decode(out[i], skip_special_tokens=True), "eos")
             return True
         out[i].append(t)
-        if constraints is not None and constraints.advance(i, t):
-            result[i] = Generated(out[i], tokenizer.decode(out[i], skip_special_tokens=True), "eos")
-            return True
-        if row_stop[i]:
+        complete = constraints is not None and constraints.advance(i, t)
+        if row_stop[i]:  # a stop string ends the text, also on the token that completes a grammar
             text = tokenizer.decode(out[i], skip_special_tokens=True)
             cut = min((text.find(s) for s in row_stop[i] if s in text), default=-1)
             if cut >= 0:
                 result[i] = Generated(out[i], text[:cut], "stop")
                 return True
+        if complete:
+            result[i] = Generated(out[i], tokenizer.decode(out[i], skip_special_tokens=True), "eos")
+            return True
         if len(out[i]) >= max_new_tokens[i]:
             result[i] = Generated(
                 out[i], tokenizer.decode(out[i], skip_special_tokens=True), "length"

@@ -172,8 +172,14 @@ class GenerateTask:
                 constraints=constraints,
             )
             results.update(zip(todo, outs, strict=True))
+        # parsed_ok: the output is a whole sentence of the row's grammar, ended by the model or
+        # by the grammar itself (not cut by max_new_tokens or a stop string)
         parsed = {
-            i: (constraints.complete(k) if constraints is not None else None)
+            i: (
+                None
+                if constraints is None or constraints.complete(k) is None
+                else constraints.complete(k) and results[i].finish_reason == "eos"
+            )
             for k, i in enumerate(todo)
         }
         kept = sorted(results)

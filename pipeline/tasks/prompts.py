@@ -70,14 +70,17 @@ def build_prompts(
             if nulls:
                 reject(i, f"prompt_template field(s) {', '.join(nulls)} null in this row")
             else:
-                prompts[i] = render_template(cfg.prompt_template, texts[i], row)
+                try:
+                    prompts[i] = render_template(cfg.prompt_template, texts[i], row)
+                except (ValueError, TypeError, KeyError, IndexError) as e:  # e.g. {n:d} on a str
+                    reject(i, f"prompt_template does not fit this row ({type(e).__name__}: {e})")
     if cfg.chat:
         _need_chat_template(tokenizer)
         systems = extra[cfg.system_column] if cfg.system_column else [cfg.system] * n
         for i in range(n):
             if prompts[i] is None:
                 continue
-            if cfg.system_column and not isinstance(systems[i], str):
+            if cfg.system_column and systems[i] is not None and not isinstance(systems[i], str):
                 reject(i, f"{cfg.system_column}={systems[i]!r}; expected a string")
                 continue
             turns = [{"role": "system", "content": systems[i]}] if systems[i] else []
