@@ -25,13 +25,14 @@ from typing import Any
 
 import tomllib
 
+from . import registry
 from .errors import ConfigError
 
 # A JSON value held as its canonical text (sorted keys), so a config stays hashable; a job file
 # may give it as a TOML table or array, or as JSON text.
 JsonText = typing.NewType("JsonText", str)
 
-TASKS = ("sentiment", "translate", "generate", "embed")
+TASKS = tuple(registry.TASKS)
 POOLING = ("auto", "mean", "cls", "max")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

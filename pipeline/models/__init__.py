@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ModelError
+from ..registry import ARCHS
 from .hf import (
     KIND_NAMES,
     LoadedModel,
@@ -14,13 +15,6 @@ from .hf import (
     resolve_dtype,
 )
 
-# FastServe checkpoint archs by the kind of model they are.
-_FASTSERVE_KINDS = {
-    "gpt": "causal-lm",
-    "lstm": "causal-lm",
-    "classifier": "sequence-classification",
-}
-
 
 def check_model_folder(path: str, kind: str) -> None:
     """Fail early, without loading weights, when `path` cannot serve as a model of `kind`."""
@@ -28,7 +22,7 @@ def check_model_folder(path: str, kind: str) -> None:
 
     if is_checkpoint(path):
         arch = read_meta(path)["arch"]
-        if _FASTSERVE_KINDS.get(arch) != kind:
+        if arch not in ARCHS or ARCHS[arch].kind != kind:
             raise ModelError(
                 f"model folder {path} holds a FastServe {arch} checkpoint; the task needs {KIND_NAMES[kind]}"
             )

@@ -19,22 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelError
+from ..registry import ARCHS
 
 FORMAT = "fastserve-checkpoint"
 VERSION = 1
 META = "fastserve.json"
-
-
-def _archs() -> dict:
-    from .classifier import ClassifierConfig, EncoderClassifier
-    from .gpt import GPT, GPTConfig
-    from .lstm import LSTMLM, LSTMConfig
-
-    return {
-        "gpt": (GPT, GPTConfig),
-        "lstm": (LSTMLM, LSTMConfig),
-        "classifier": (EncoderClassifier, ClassifierConfig),
-    }
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -78,9 +67,9 @@ def read_meta(folder: str | Path) -> dict:
         raise ModelError(
             f"{p}: expected format {FORMAT} version {VERSION}, got {meta.get('format')} {meta.get('version')}"
         )
-    if meta.get("arch") not in _archs():
+    if meta.get("arch") not in ARCHS:
         raise ModelError(
-            f"{p}: unknown arch {meta.get('arch')!r}; expected one of {', '.join(_archs())}"
+            f"{p}: unknown arch {meta.get('arch')!r}; expected one of {', '.join(ARCHS)}"
         )
     return meta
 
@@ -91,8 +80,8 @@ def load_checkpoint(folder: str | Path, device="cpu", dtype=torch.float32):
 
     folder = Path(folder)
     meta = read_meta(folder)
-    cls, cfg_cls = _archs()[meta["arch"]]
-    model = cls(cfg_cls(**meta["config"]))
+    arch = ARCHS[meta["arch"]]
+    model = arch.model_class()(arch.config_class()(**meta["config"]))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -5,17 +5,13 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..config import ModelConfig, TaskConfig
+from ..registry import TASKS
 from .base import Task, TaskOutput
 
 __all__ = ["MODEL_KINDS", "Task", "TaskOutput", "check_model", "get_task", "output_schema"]
 
-# Which kind of model each task needs (see models/hf.py KIND_NAMES).
-MODEL_KINDS = {
-    "sentiment": "sequence-classification",
-    "translate": "seq2seq-lm",
-    "generate": "causal-lm",
-    "embed": "encoder",
-}
+# Which kind of model each task needs (see models/hf.py KIND_NAMES), from the registry.
+MODEL_KINDS = {name: spec.kind for name, spec in TASKS.items()}
 
 
 def check_model(model_cfg: ModelConfig, task_cfg: TaskConfig) -> None:
@@ -32,21 +28,13 @@ def get_task(model_cfg: ModelConfig, task_cfg: TaskConfig, identity: str = "") -
     `identity` (the run's fingerprint, which holds the model's bytes) is part of the key: a
     long-lived worker given a retrained model at the same path loads it again. Two entries: a
     worker serving two runs at once keeps both, an older model is let go."""
-    if task_cfg.name == "sentiment":
-        from .sentiment import SentimentTask as cls
-    elif task_cfg.name == "translate":
-        from .translate import TranslateTask as cls
-    elif task_cfg.name == "generate":
-        from .generate import GenerateTask as cls
-    elif task_cfg.name == "embed":
-        from .embed import EmbedTask as cls
-    else:
+    if task_cfg.name not in TASKS:
         raise ValueError(f"unknown task {task_cfg.name!r}")
-    return cls(model_cfg, task_cfg)
+    return TASKS[task_cfg.name].load()(model_cfg, task_cfg)
 
 
 def output_schema(task_name: str):
     """The declared output schema of a task, without loading its model."""
     from .. import schemas
 
-    return schemas.load(task_name)
+    return schemas.load(TASKS[task_name].schema)

@@ -13,7 +13,8 @@ from .. import schemas
 from ..batching import ROWS_PER_CALL
 from ..config import ModelConfig, TaskConfig
 from ..models import load_model
-from ..models.decoding import GPTCausalLM, HFCausalLM, LSTMCausalLM, Sampling, generate
+from ..models.decoding import HFCausalLM, Sampling, generate
+from ..registry import ARCHS, load_ref
 from . import MODEL_KINDS
 from .base import TaskOutput
 from .prompts import build_prompts
@@ -49,8 +50,8 @@ class GenerateTask:
             model_cfg.path, MODEL_KINDS["generate"], model_cfg.device, model_cfg.dtype
         )
         arch = getattr(self.loaded.model, "arch", None)
-        if arch in ("gpt", "lstm"):
-            adapter = GPTCausalLM if arch == "gpt" else LSTMCausalLM
+        if arch in ARCHS:  # a FastServe checkpoint: its decoding adapter from the registry
+            adapter = load_ref(ARCHS[arch].decoder)
             self.lm = adapter(self.loaded.model, self.loaded.device)
         else:
             self.lm = HFCausalLM(self.loaded.model, self.loaded.device, task_cfg.reuse_prefix)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import registry
 from ..config import load_config
 from ..errors import ConfigError
 
-ARCHS = ("gpt", "lstm", "classifier")
+ARCHS = tuple(registry.ARCHS)
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 DP_MODES = ("fsdp", "ddp")
 PATH_KEYS = (("data", "paths"), ("data", "tokenizer"), ("output", "path"))
@@ -127,8 +128,9 @@ def check(cfg: TrainJob, where: str) -> None:
     need(bool(cfg.output.path), "no run folder: give output.path (or --output DIR)")
     need(m.arch in ARCHS, f"model.arch is {m.arch!r}; expected one of {', '.join(ARCHS)}")
     need(m.n_layer >= 1 and m.n_embd >= 1, "model.n_layer and model.n_embd must be >= 1")
+    attention = m.arch in registry.ARCHS and registry.ARCHS[m.arch].attention
     need(
-        m.arch == "lstm" or m.n_embd % m.n_head == 0,
+        not attention or m.n_embd % m.n_head == 0,
         f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})",
     )
     need(
@@ -189,8 +191,9 @@ def check(cfg: TrainJob, where: str) -> None:
     )
     if p.tp > 1:
         need(
-            m.arch != "lstm",
-            "tensor parallelism splits attention heads and MLPs: model.arch must be gpt or classifier",
+            attention,
+            "tensor parallelism splits attention heads and MLPs: model.arch must be one of "
+            + ", ".join(a.name for a in registry.ARCHS.values() if a.attention),
         )
         need(m.n_head % p.tp == 0, f"model.n_head ({m.n_head}) must divide by parallel.tp ({p.tp})")
 
