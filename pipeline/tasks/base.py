@@ -28,6 +28,23 @@ class TaskOutput:
     completion_tokens, and unparsed: constrained rows whose output did not complete)."""
 
 
+class ModelTask:
+    """What every task does first: its output schema and its model, as the registry says
+    (pipeline/registry.py: the task's model kind and schema). Subclasses set `name`."""
+
+    name: str
+
+    def __init__(self, model_cfg, task_cfg):
+        from .. import schemas
+        from ..models import load_model
+        from ..registry import TASKS
+
+        spec = TASKS[self.name]
+        self.schema = schemas.load(spec.schema)
+        self.cfg = task_cfg
+        self.loaded = load_model(model_cfg.path, spec.kind, model_cfg.device, model_cfg.dtype)
+
+
 class Task(Protocol):
     name: str
     schema: TableSchema

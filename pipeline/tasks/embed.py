@@ -14,11 +14,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import schemas
 from ..config import ModelConfig, TaskConfig
-from ..models import load_model
-from . import MODEL_KINDS
-from .base import TaskOutput
+from .base import ModelTask, TaskOutput
 from .encoding import EncoderRows, model_max_length
 
 
@@ -57,15 +54,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 
 
-class EmbedTask:
+class EmbedTask(ModelTask):
     name = "embed"
 
     def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
-        self.schema = schemas.load("embed", 1)
-        self.cfg = task_cfg
-        self.loaded = load_model(
-            model_cfg.path, MODEL_KINDS["embed"], model_cfg.device, model_cfg.dtype
-        )
+        super().__init__(model_cfg, task_cfg)
         st = sentence_transformers_settings(model_cfg.path)
         self.pooling = task_cfg.pooling if task_cfg.pooling != "auto" else st.get("pooling", "mean")
         self.normalize = (

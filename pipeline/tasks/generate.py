@@ -9,14 +9,11 @@ mask (models/constraints.py) and `parsed_ok` says whether its output is complete
 
 from __future__ import annotations
 
-from .. import schemas
 from ..batching import ROWS_PER_CALL
 from ..config import ModelConfig, TaskConfig
-from ..models import load_model
 from ..models.decoding import HFCausalLM, Sampling, generate
 from ..registry import ARCHS, load_ref
-from . import MODEL_KINDS
-from .base import TaskOutput
+from .base import ModelTask, TaskOutput
 from .prompts import build_prompts
 
 
@@ -40,15 +37,11 @@ def eos_ids(loaded) -> set[int]:
     return ids
 
 
-class GenerateTask:
+class GenerateTask(ModelTask):
     name = "generate"
 
     def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
-        self.schema = schemas.load("generate")
-        self.cfg = task_cfg
-        self.loaded = load_model(
-            model_cfg.path, MODEL_KINDS["generate"], model_cfg.device, model_cfg.dtype
-        )
+        super().__init__(model_cfg, task_cfg)
         arch = getattr(self.loaded.model, "arch", None)
         if arch in ARCHS:  # a FastServe checkpoint: its decoding adapter from the registry
             adapter = load_ref(ARCHS[arch].decoder)

@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from .. import schemas
 from ..config import ModelConfig, TaskConfig
-from ..models import load_model
-from . import MODEL_KINDS
-from .base import TaskOutput
+from .base import ModelTask, TaskOutput
 from .encoding import EncoderRows, model_max_length
 
 
-class SentimentTask:
+class SentimentTask(ModelTask):
     name = "sentiment"
 
     def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
-        self.schema = schemas.load("sentiment", 1)
-        self.cfg = task_cfg
-        self.loaded = load_model(
-            model_cfg.path, MODEL_KINDS["sentiment"], model_cfg.device, model_cfg.dtype
-        )
+        super().__init__(model_cfg, task_cfg)
         config = self.loaded.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.max_length = task_cfg.max_length or model_max_length(self.loaded.tokenizer, config)

@@ -12,25 +12,18 @@ from collections import defaultdict
 
 import torch
 
-from .. import schemas
 from ..batching import ROWS_PER_CALL, length_sorted_batches
 from ..config import ModelConfig, TaskConfig
 from ..errors import ConfigError
-from ..models import load_model
-from . import MODEL_KINDS
-from .base import TaskOutput
+from .base import ModelTask, TaskOutput
 from .encoding import encode, model_max_length, pad_batch
 
 
-class TranslateTask:
+class TranslateTask(ModelTask):
     name = "translate"
 
     def __init__(self, model_cfg: ModelConfig, task_cfg: TaskConfig):
-        self.schema = schemas.load("translate", 1)
-        self.cfg = task_cfg
-        self.loaded = load_model(
-            model_cfg.path, MODEL_KINDS["translate"], model_cfg.device, model_cfg.dtype
-        )
+        super().__init__(model_cfg, task_cfg)
         tok = self.loaded.tokenizer
         if task_cfg.source_lang and hasattr(tok, "src_lang"):
             tok.src_lang = task_cfg.source_lang
