@@ -142,6 +142,14 @@ class TaskConfig:
     """translate: an input column giving each row its own target language."""
     prefix: str = ""
     """translate: text put before every input (T5: 'translate English to German: ')."""
+    # classify (zero-shot, with an NLI model)
+    labels: tuple[str, ...] | None = None
+    """classify: the candidate labels."""
+    hypothesis_template: str = "This example is {}."
+    """classify: the hypothesis each label is put in; the row's text is the premise."""
+    multi_label: bool = False
+    """classify: labels independent (each scored entailment vs contradiction) rather than one
+    softmax over all labels."""
     # embed
     pooling: str = "auto"
     """embed: auto (the folder's sentence-transformers pooling, else mean), mean, cls or max."""
@@ -426,6 +434,16 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
         t.pooling in POOLING, f"task.pooling is {t.pooling!r}; expected one of {', '.join(POOLING)}"
     )
     _validate_prompting(t, need)
+    need(
+        (t.name == "classify") == bool(t.labels),
+        "task classify needs task.labels (the candidate labels), and only classify takes them",
+    )
+    if t.name == "classify":
+        need(all(t.labels), "task.labels holds an empty label; remove it")
+        need(
+            "{}" in t.hypothesis_template,
+            f"task.hypothesis_template {t.hypothesis_template!r} has no {{}} for the label",
+        )
     need(
         cfg.cluster.executor in EXECUTORS,
         f"cluster.executor is {cfg.cluster.executor!r}; expected one of {', '.join(EXECUTORS)}",

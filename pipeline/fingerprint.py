@@ -78,6 +78,9 @@ LATER_OPTIONS = (
     "choices",
     "requests",
     "messages_column",
+    "labels",
+    "hypothesis_template",
+    "multi_label",
 )
 
 

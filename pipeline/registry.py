@@ -45,6 +45,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("translate", "seq2seq-lm", "tasks.translate:TranslateTask", "translate"),
         TaskSpec("generate", "causal-lm", "tasks.generate:GenerateTask", "generate"),
         TaskSpec("embed", "encoder", "tasks.embed:EmbedTask", "embed"),
+        TaskSpec("classify", "sequence-classification", "tasks.classify:ClassifyTask", "classify"),
     )
 }
 

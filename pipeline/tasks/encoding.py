@@ -40,12 +40,14 @@ def model_max_length(tokenizer, config) -> int:
     return min(limits) if limits else 512
 
 
-def encode(tokenizer, texts: list[str], max_length: int) -> Encoded:
+def encode(tokenizer, texts: list[str], max_length: int, pairs: list[str] | None = None) -> Encoded:
     """Tokenize all texts in one batch call, truncating to `max_length` exactly as
-    `tokenizer(text, truncation=True, max_length=...)` would, and note which rows were cut."""
+    `tokenizer(text, truncation=True, max_length=...)` would, and note which rows were cut.
+    `pairs`: a second text per row (cut never: the first is, `only_first`)."""
     enc = tokenizer(
         texts,
-        truncation=True,
+        pairs,
+        truncation="only_first" if pairs is not None else True,
         max_length=max_length,
         return_overflowing_tokens=True,
         stride=0,
@@ -86,9 +88,9 @@ class EncoderRows:
     """Texts tokenized once, over-long rows set aside (on_long=reject) or truncated, and the
     rest served as length-sorted, padded batches: the common front of the encoder tasks."""
 
-    def __init__(self, tokenizer, texts: list[str], max_length: int, on_long: str):
+    def __init__(self, tokenizer, texts: list[str], max_length: int, on_long: str, pairs=None):
         self.tokenizer = tokenizer
-        self.enc = encode(tokenizer, texts, max_length)
+        self.enc = encode(tokenizer, texts, max_length, pairs)
         self.rejected: list[tuple[int, str, str]] = []
         self.todo = list(range(len(texts)))
         if on_long == "reject":
