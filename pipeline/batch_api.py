@@ -108,6 +108,13 @@ def _response_format(body: dict) -> str | None:
     return json.dumps(schema, sort_keys=True, separators=(",", ":"))
 
 
+def _known(obj: dict, keys: tuple[str, ...], prefix: str) -> None:
+    unknown = [k for k in obj if k not in keys]
+    if unknown:
+        name = f"{prefix}{unknown[0]}" if prefix else repr(unknown[0])
+        raise BadRequest(f"unknown field {name} (known: {', '.join(keys)})")
+
+
 def parse_request(line: str) -> dict:
     """One request line as the row's columns (no id/line); BadRequest says what is wrong."""
     try:
@@ -116,15 +123,11 @@ def parse_request(line: str) -> dict:
         raise BadRequest(f"not JSON ({e})") from None
     if not isinstance(req, dict):
         raise BadRequest("not a JSON object")
-    unknown = [k for k in req if k not in REQUEST_KEYS]
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r} (known: {', '.join(REQUEST_KEYS)})")
+    _known(req, REQUEST_KEYS, "")
     body = req.get("body")
     if not isinstance(body, dict):
         raise BadRequest("no body object")
-    unknown = [k for k in body if k not in BODY_KEYS]
-    if unknown:
-        raise BadRequest(f"unknown field body.{unknown[0]} (known: {', '.join(BODY_KEYS)})")
+    _known(body, BODY_KEYS, "body.")
     messages = body.get("messages")
     if (
         not isinstance(messages, list)

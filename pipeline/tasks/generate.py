@@ -168,12 +168,9 @@ class GenerateTask(ModelTask):
             results.update(zip(todo, outs, strict=True))
         # parsed_ok: the output is a whole sentence of the row's grammar, ended by the model or
         # by the grammar itself (not cut by max_new_tokens or a stop string)
+        complete = [constraints.complete(k) if constraints else None for k in range(len(todo))]
         parsed = {
-            i: (
-                None
-                if constraints is None or constraints.complete(k) is None
-                else constraints.complete(k) and results[i].finish_reason == "eos"
-            )
+            i: None if complete[k] is None else complete[k] and results[i].finish_reason == "eos"
             for k, i in enumerate(todo)
         }
         kept = sorted(results)
