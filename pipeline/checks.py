@@ -32,6 +32,11 @@ def check_job(job: JobConfig) -> None:
             "(chat_template in tokenizer_config.json, or chat_template.jinja); leave task.chat "
             "out and build the prompt with task.prompt_template"
         )
+    if job.task.name == "classify" and not _nli_labels(job.model.path):
+        raise ConfigError(
+            f"model folder {job.model.path}: task classify needs an NLI model, whose labels "
+            "(config.json label2id) include one starting with 'entail'; this one has none"
+        )
     if len(set(job.input.keep_columns)) != len(job.input.keep_columns):
         raise ConfigError(
             f"input.keep_columns names a column twice ({', '.join(job.input.keep_columns)})"
@@ -94,3 +99,18 @@ def _has_chat_template(model_dir: str) -> bool:
     except (OSError, ValueError):
         return False
     return bool(config.get("chat_template"))
+
+
+def _nli_labels(model_dir: str) -> bool:
+    """Whether a Hugging Face folder's labels name an entailment class (other folders: not
+    known here, so not refused)."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    labels = list((config.get("label2id") or {}).keys()) + list(
+        (config.get("id2label") or {}).values()
+    )
+    return any(str(name).lower().startswith("entail") for name in labels)

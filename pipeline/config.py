@@ -440,9 +440,15 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     )
     if t.name == "classify":
         need(all(t.labels), "task.labels holds an empty label; remove it")
+        need(len(set(t.labels)) == len(t.labels), "task.labels names a label twice; remove it")
+        try:
+            fields = _template_fields(t.hypothesis_template)
+        except ValueError:
+            fields = None
         need(
-            "{}" in t.hypothesis_template,
-            f"task.hypothesis_template {t.hypothesis_template!r} has no {{}} for the label",
+            fields == [""],
+            f"task.hypothesis_template {t.hypothesis_template!r} must hold exactly one {{}} for "
+            "the label (and no other field; a literal brace is {{ or }})",
         )
     need(
         cfg.cluster.executor in EXECUTORS,

@@ -66,10 +66,27 @@ def test_classify_options_are_checked(tmp_path, nli):
     write_texts(tmp_path / "c", ["a text"])
     for task, needle in (
         ({"name": "classify"}, "task classify needs task.labels"),
-        ({"name": "classify", "labels": ["a"], "hypothesis_template": "About it."}, "has no {}"),
+        (
+            {"name": "classify", "labels": ["a"], "hypothesis_template": "About it."},
+            "exactly one {}",
+        ),
+        (
+            {"name": "classify", "labels": ["a"], "hypothesis_template": "{} and {}"},
+            "exactly one {}",
+        ),
+        ({"name": "classify", "labels": ["a", "b", "a"]}, "names a label twice"),
         ({"name": "sentiment", "labels": ["a"]}, "only classify takes them"),
     ):
         (tmp_path / "job.toml").write_text(toml_text({"task": task}))
         proc = run_cli(*infer_args(nli, tmp_path / "o", tmp_path / "c", task=task["name"],
                                    extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_a_model_without_an_entailment_label_is_refused(tmp_path):
+    folder = build_classifier(tmp_path / "not-nli", num_labels=3)
+    write_texts(tmp_path / "c", ["a text"])
+    (tmp_path / "job.toml").write_text(toml_text({"task": {"name": "classify", "labels": ["a"]}}))
+    proc = run_cli(*infer_args(folder, tmp_path / "o", tmp_path / "c", task="classify",
+                               extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
+    assert proc.returncode == 2 and "needs an NLI model" in proc.stderr, proc.stderr
