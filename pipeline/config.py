@@ -39,6 +39,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_LONG = ("truncate", "reject")
 EXECUTORS = ("local", "slurm", "mpi", "serial")
 OUTPUT_FORMATS = ("parquet", "batch-jsonl")
+METRICS = ("cosine", "dot")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "sentiment"
-    """What to run: sentiment, translate, generate or embed."""
+    """What to run: one of registry.TASKS (sentiment, translate, generate, embed, classify, qa,
+    rerank, recommend)."""
     batch_size: int | None = None
     """Most rows per model call (rows are sorted by length first, so batches pad little); for
     generate, the rows decoding together (continuous batching: a finished row's slot is refilled).
@@ -150,6 +152,47 @@ class TaskConfig:
     multi_label: bool = False
     """classify: labels independent (each scored entailment vs contradiction) rather than one
     softmax over all labels."""
+    # qa (extractive question answering): the text is the context
+    question_column: str | None = None
+    """qa: an input column holding each row's question."""
+    question: str | None = None
+    """qa: one question asked of every row (instead of question_column)."""
+    doc_stride: int = 128
+    """qa: tokens shared by consecutive windows of a context too long for one."""
+    max_answer_length: int = 30
+    """qa: the longest answer span, in tokens."""
+    max_question_length: int = 64
+    """qa: the longest question, in tokens (a longer one rejects its row, question_too_long)."""
+    handle_impossible: bool = False
+    """qa: a SQuAD-2 style model may answer "no answer" (answer null) when the span made of its
+    first token scores above every real span."""
+    k: int | None = None
+    """How many results per row: qa's answers (best first; default 1), recommend's items
+    (default 10)."""
+    # rerank (cross-encoders)
+    text_pair_column: str | None = None
+    """rerank: the second text of each pair (the text column holds the first: the query)."""
+    # recommend (two-tower retrieval)
+    catalogue: str | None = None
+    """recommend: the items, an embed run folder (its vectors reused) or Parquet files, a folder or
+    a glob of id + text rows (embedded once, with this job's model, into <output>/_catalogue)."""
+    catalogue_id_column: str = "id"
+    """recommend: the items' id column (Parquet catalogues)."""
+    catalogue_text_column: str = "text"
+    """recommend: the items' text column (Parquet catalogues)."""
+    embedding_column: str | None = None
+    """recommend: the queries are vectors already, in this input column (an embed run folder's
+    `embedding`), instead of texts to embed."""
+    metric: str = "cosine"
+    """recommend: cosine (vectors normalised first) or dot (inner product as they are)."""
+    exclude_column: str | None = None
+    """recommend: an input column holding, per query, a list of item ids never to recommend it
+    (items the user has already seen)."""
+    filter_column: str | None = None
+    """recommend: a column of the queries and of the catalogue: a query gets only items with the
+    same value (a null in the query: any item)."""
+    block_items: int = 8192
+    """recommend: catalogue items scored per block (memory: query rows x block_items scores)."""
     # embed
     pooling: str = "auto"
     """embed: auto (the folder's sentence-transformers pooling, else mean), mean, cls or max."""
@@ -162,7 +205,9 @@ class TaskConfig:
             from .batch_api import REQUEST_COLUMNS
 
             return REQUEST_COLUMNS
-        named = (self.max_new_tokens_column, self.target_lang_column, self.system_column)
+        named = (self.max_new_tokens_column, self.target_lang_column, self.system_column,
+                 self.question_column, self.text_pair_column, self.exclude_column,
+                 self.filter_column)  # fmt: skip
         return tuple(dict.fromkeys([*(c for c in named if c), *self.template_fields()]))
 
     def template_fields(self) -> tuple[str, ...]:
@@ -307,6 +352,7 @@ INFER_PATH_KEYS = (
     ("model", "path"),
     ("output", "path"),
     ("task", "json_schema_file"),
+    ("task", "catalogue"),
 )
 
 
@@ -450,6 +496,7 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
             f"task.hypothesis_template {t.hypothesis_template!r} must hold exactly one {{}} for "
             "the label (and no other field; a literal brace is {{ or }})",
         )
+    _validate_new_tasks(t, need)
     need(
         cfg.cluster.executor in EXECUTORS,
         f"cluster.executor is {cfg.cluster.executor!r}; expected one of {', '.join(EXECUTORS)}",
@@ -464,6 +511,54 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
     )
     need(cfg.cluster.workers > 0, f"cluster.workers must be > 0, got {cfg.cluster.workers}")
     need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")
+
+
+# Which task takes which options (beyond the common ones): an option given to another task is an
+# error that says whose it is, rather than silently ignored.
+TASK_OPTIONS = {
+    "qa": ("question_column", "question", "handle_impossible"),
+    "rerank": ("text_pair_column",),
+    "recommend": ("catalogue", "embedding_column", "exclude_column", "filter_column"),
+}
+
+
+def _validate_new_tasks(t: TaskConfig, need) -> None:
+    """qa, rerank and recommend: their own options, and only theirs."""
+    for task, keys in TASK_OPTIONS.items():
+        for key in keys:
+            need(t.name == task or not getattr(t, key), f"task.{key} is for task {task}, not {t.name}")
+    need(
+        t.k is None or t.name in ("qa", "recommend"),
+        f"task.k is for tasks qa and recommend, not {t.name}",
+    )
+    need(t.k is None or t.k > 0, f"task.k must be > 0, got {t.k}")
+    if t.name == "qa":
+        need(
+            bool(t.question_column) != bool(t.question),
+            "task qa needs the question: task.question_column (a column per row) or "
+            "task.question (one for every row), one of the two",
+        )
+        need(t.question is None or bool(t.question.strip()), "task.question is empty")
+        need(t.doc_stride >= 0, f"task.doc_stride must be >= 0, got {t.doc_stride}")
+        need(t.max_answer_length > 0, f"task.max_answer_length must be > 0, got {t.max_answer_length}")
+        need(
+            t.max_question_length > 0,
+            f"task.max_question_length must be > 0, got {t.max_question_length}",
+        )
+    if t.name == "rerank":
+        need(
+            bool(t.text_pair_column),
+            "task rerank needs task.text_pair_column (the second text of each pair; the text "
+            "column holds the first)",
+        )
+    if t.name == "recommend":
+        need(
+            bool(t.catalogue),
+            "task recommend needs task.catalogue: an embed run folder, or Parquet files of "
+            "items (id and text)",
+        )
+        need(t.metric in METRICS, f"task.metric is {t.metric!r}; expected one of {', '.join(METRICS)}")
+        need(t.block_items > 0, f"task.block_items must be > 0, got {t.block_items}")
 
 
 def _template_fields(template: str) -> list[str]:

@@ -81,6 +81,20 @@ LATER_OPTIONS = (
     "labels",
     "hypothesis_template",
     "multi_label",
+    "question_column",
+    "question",
+    "doc_stride",
+    "max_answer_length",
+    "max_question_length",
+    "handle_impossible",
+    "k",
+    "text_pair_column",
+    "catalogue_id_column",
+    "catalogue_text_column",
+    "embedding_column",
+    "metric",
+    "exclude_column",
+    "filter_column",
 )
 
 
@@ -93,6 +107,8 @@ def fingerprint(job: JobConfig) -> dict:
     task.pop("task.max_tokens")
     task.pop("task.reuse_prefix")  # how prompts are prefilled, not what they become
     task.pop("task.json_schema_file")  # its schema is task.json_schema; where it lay is not
+    task.pop("task.block_items")  # how the catalogue is scored, not what the top-k is
+    task.pop("task.catalogue")  # where it lies is not what it holds: that is "catalogue" below
     defaults = TaskConfig()
     for name in LATER_OPTIONS:
         if getattr(job.task, name) == getattr(defaults, name):
@@ -108,5 +124,9 @@ def fingerprint(job: JobConfig) -> dict:
         "schema": f"{job.task.name}.v{schemas.load(job.task.name).version}",
         "fastserve": __version__.rsplit(".", 1)[0],  # patch releases do not change results
     }
+    if job.task.name == "recommend":
+        from .catalogue import catalogue_identity
+
+        fields["catalogue"] = catalogue_identity(job)
     blob = json.dumps(fields, sort_keys=True).encode()
     return {"sha": hashlib.sha256(blob).hexdigest()[:16], "fields": fields}

@@ -46,6 +46,9 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("generate", "causal-lm", "tasks.generate:GenerateTask", "generate"),
         TaskSpec("embed", "encoder", "tasks.embed:EmbedTask", "embed"),
         TaskSpec("classify", "sequence-classification", "tasks.classify:ClassifyTask", "classify"),
+        TaskSpec("qa", "question-answering", "tasks.qa:QATask", "qa"),
+        TaskSpec("rerank", "sequence-classification", "tasks.rerank:RerankTask", "rerank"),
+        TaskSpec("recommend", "encoder", "tasks.recommend:RecommendTask", "recommend"),
     )
 }
 

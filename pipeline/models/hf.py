@@ -25,6 +25,7 @@ KIND_NAMES = {
     "causal-lm": "a causal language model (*ForCausalLM, *LMHeadModel)",
     "seq2seq-lm": "an encoder-decoder model (*ForConditionalGeneration: Marian, T5, BART, mBART, NLLB)",
     "encoder": "an encoder (BERT-like, sentence-transformers)",
+    "question-answering": "an extractive question-answering model (*ForQuestionAnswering)",
 }
 
 
@@ -37,6 +38,8 @@ def _fits(kind: str, config: dict) -> bool:
         return not enc_dec and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     if kind == "seq2seq-lm":
         return enc_dec
+    if kind == "question-answering":
+        return any(a.endswith("ForQuestionAnswering") for a in archs)
     if kind == "encoder":
         return not enc_dec and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     raise ValueError(kind)
@@ -179,6 +182,7 @@ def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> 
     from transformers import (
         AutoModel,
         AutoModelForCausalLM,
+        AutoModelForQuestionAnswering,
         AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -193,6 +197,7 @@ def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> 
         "causal-lm": AutoModelForCausalLM,
         "seq2seq-lm": AutoModelForSeq2SeqLM,
         "encoder": AutoModel,
+        "question-answering": AutoModelForQuestionAnswering,
     }[kind]
     try:
         model, info = auto.from_pretrained(
