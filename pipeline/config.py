@@ -526,7 +526,10 @@ def _validate_new_tasks(t: TaskConfig, need) -> None:
     """qa, rerank and recommend: their own options, and only theirs."""
     for task, keys in TASK_OPTIONS.items():
         for key in keys:
-            need(t.name == task or not getattr(t, key), f"task.{key} is for task {task}, not {t.name}")
+            need(
+                t.name == task or not getattr(t, key),
+                f"task.{key} is for task {task}, not {t.name}",
+            )
     need(
         t.k is None or t.name in ("qa", "recommend"),
         f"task.k is for tasks qa and recommend, not {t.name}",
@@ -540,7 +543,10 @@ def _validate_new_tasks(t: TaskConfig, need) -> None:
         )
         need(t.question is None or bool(t.question.strip()), "task.question is empty")
         need(t.doc_stride >= 0, f"task.doc_stride must be >= 0, got {t.doc_stride}")
-        need(t.max_answer_length > 0, f"task.max_answer_length must be > 0, got {t.max_answer_length}")
+        need(
+            t.max_answer_length > 0,
+            f"task.max_answer_length must be > 0, got {t.max_answer_length}",
+        )
         need(
             t.max_question_length > 0,
             f"task.max_question_length must be > 0, got {t.max_question_length}",
@@ -557,7 +563,10 @@ def _validate_new_tasks(t: TaskConfig, need) -> None:
             "task recommend needs task.catalogue: an embed run folder, or Parquet files of "
             "items (id and text)",
         )
-        need(t.metric in METRICS, f"task.metric is {t.metric!r}; expected one of {', '.join(METRICS)}")
+        need(
+            t.metric in METRICS,
+            f"task.metric is {t.metric!r}; expected one of {', '.join(METRICS)}",
+        )
         need(t.block_items > 0, f"task.block_items must be > 0, got {t.block_items}")
 
 

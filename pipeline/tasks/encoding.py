@@ -40,10 +40,36 @@ def model_max_length(tokenizer, config) -> int:
     return min(limits) if limits else 512
 
 
-def encode(tokenizer, texts: list[str], max_length: int, pairs: list[str] | None = None) -> Encoded:
+def encode(
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    pairs: list[str] | None = None,
+    truncation: str = "only_first",
+) -> Encoded:
     """Tokenize all texts in one batch call, truncating to `max_length` exactly as
     `tokenizer(text, truncation=True, max_length=...)` would, and note which rows were cut.
-    `pairs`: a second text per row (cut never: the first is, `only_first`)."""
+    `pairs`: a second text per row, cut as `truncation` says: only_first (classify: the premise,
+    never the hypothesis) or longest_first (rerank: tokens off the longer text, as a
+    cross-encoder does)."""
+    if pairs is not None and truncation == "longest_first":
+        # the tokenizer cannot report overflow for longest_first: compare with the whole lengths
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
+        whole = [
+            len(a) + len(b) + tokenizer.num_special_tokens_to_add(pair=True)
+            for a, b in zip(
+                tokenizer(texts, add_special_tokens=False)["input_ids"],
+                tokenizer(pairs, add_special_tokens=False)["input_ids"],
+                strict=True,
+            )
+        ]
+        keys = [k for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
+        features = [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+        return Encoded(
+            features=features,
+            truncated=[n > max_length for n in whole],
+            lengths=[len(f["input_ids"]) for f in features],
+        )
     enc = tokenizer(
         texts,
         pairs,
@@ -88,9 +114,17 @@ class EncoderRows:
     """Texts tokenized once, over-long rows set aside (on_long=reject) or truncated, and the
     rest served as length-sorted, padded batches: the common front of the encoder tasks."""
 
-    def __init__(self, tokenizer, texts: list[str], max_length: int, on_long: str, pairs=None):
+    def __init__(
+        self,
+        tokenizer,
+        texts: list[str],
+        max_length: int,
+        on_long: str,
+        pairs=None,
+        truncation: str = "only_first",
+    ):
         self.tokenizer = tokenizer
-        self.enc = encode(tokenizer, texts, max_length, pairs)
+        self.enc = encode(tokenizer, texts, max_length, pairs, truncation)
         self.rejected: list[tuple[int, str, str]] = []
         self.todo = list(range(len(texts)))
         if on_long == "reject":

@@ -1,0 +1,97 @@
+"""rerank: a cross-encoder's relevance per pair equals sentence_transformers.CrossEncoder.predict."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fastserve.pipeline.testing import infer_args, sample_texts, toml_text
+from fastserve.pipeline.testing.models import build_classifier
+
+from conftest import read_sorted, run_cli
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory):
+    """A tiny random BERT with one relevance output, as ms-marco cross-encoders have."""
+    return build_classifier(tmp_path_factory.mktemp("models") / "ce", num_labels=1, seed=5)
+
+
+def write_pairs(folder, queries, passages, **more):
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = [f"p{i:04d}" for i in range(len(queries))]
+    table = pa.table({"id": ids, "query": queries, "passage": passages, **more})
+    pq.write_table(table, folder / "pairs.parquet", row_group_size=16)
+    return ids
+
+
+def run_rerank(tmp_path, model, inputs, **task):
+    (tmp_path / "job.toml").write_text(
+        toml_text({"input": {"text_column": "query"},
+                   "task": {"name": "rerank", "text_pair_column": "passage", **task}})
+    )  # fmt: skip
+    return run_cli(*infer_args(model, tmp_path / "out", inputs, task="rerank",
+                               extra=["--config", tmp_path / "job.toml", "--batch-size", "5"]))  # fmt: skip
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["sigmoid", "identity"])
+def test_rerank_equals_the_cross_encoder(tmp_path, cross_encoder, identity):
+    from sentence_transformers import CrossEncoder
+
+    model = cross_encoder
+    if identity:  # a folder whose config names its activation (as CrossEncoder.save writes it)
+        model = tmp_path / "ce-identity"
+        model.mkdir()
+        for f in cross_encoder.iterdir():
+            (model / f.name).write_bytes(f.read_bytes())
+        config = json.loads((model / "config.json").read_text())
+        config["sentence_transformers"] = {"activation_fn": "torch.nn.modules.linear.Identity"}
+        (model / "config.json").write_text(json.dumps(config))
+    # passages long enough that some pairs are cut to the model's 64 tokens
+    queries = sample_texts(40, seed=1, max_words=12)
+    passages = sample_texts(40, seed=2, min_words=5, max_words=60)
+    ids = write_pairs(tmp_path / "c", queries, passages)
+    proc = run_rerank(tmp_path, model, tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    got = read_sorted(tmp_path / "out")
+    want = CrossEncoder(str(model), device="cpu").predict(list(zip(queries, passages, strict=True)))
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    assert got.column("id").to_pylist() == [ids[i] for i in order]
+    assert got.column("score").to_pylist() == pytest.approx(
+        [float(want[i]) for i in order], abs=1e-5
+    )
+    truncated = got.column("truncated").to_pylist()
+    assert any(truncated) and not all(truncated)
+    if not identity:
+        assert all(0 < s < 1 for s in got.column("score").to_pylist())
+
+
+def test_bad_pairs_are_rejected_with_a_reason(tmp_path, cross_encoder):
+    ids = write_pairs(tmp_path / "c", ["q one", "q two", "q three", "  "],
+                      ["a passage", None, "   ", "a passage"])  # fmt: skip
+    proc = run_rerank(tmp_path, cross_encoder, tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    assert read_sorted(tmp_path / "out").column("id").to_pylist() == [ids[0]]
+    rejected = read_sorted(tmp_path / "out" / "_rejected")
+    assert dict(zip(rejected.column("id").to_pylist(), rejected.column("reason").to_pylist(),
+                    strict=True)) == {ids[1]: "null_pair", ids[2]: "empty_pair", ids[3]: "empty_text"}  # fmt: skip
+
+
+def test_rerank_options_are_checked(tmp_path, cross_encoder, classifier):
+    write_pairs(tmp_path / "c", ["q"], ["p"])
+    (tmp_path / "job.toml").write_text(toml_text({"task": {"name": "rerank"}}))
+    proc = run_cli(*infer_args(cross_encoder, tmp_path / "o", tmp_path / "c", task="rerank",
+                               extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
+    assert proc.returncode == 2 and "needs task.text_pair_column" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    # a three-label classifier is no cross-encoder: said before any row is scored
+    proc = run_rerank(tmp_path, classifier, tmp_path / "c")
+    assert proc.returncode != 0 and "needs a cross-encoder with one relevance output" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # an option of another task
+    (tmp_path / "job.toml").write_text(
+        toml_text({"task": {"name": "sentiment", "text_pair_column": "passage"}}))  # fmt: skip
+    proc = run_cli(*infer_args(cross_encoder, tmp_path / "o", tmp_path / "c",
+                               extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
+    assert proc.returncode == 2 and "task.text_pair_column is for task rerank" in proc.stderr
