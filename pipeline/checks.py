@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import JobConfig
+from .config import JobConfig, needs_no_model
 from .errors import ConfigError, InputError
 
 
@@ -16,7 +16,8 @@ def check_job(job: JobConfig) -> None:
     """Everything about `job` that can be checked without its input files."""
     from .tasks import check_model, output_schema
 
-    check_model(job.model, job.task)
+    if job.model.path or not needs_no_model(job.task):
+        check_model(job.model, job.task)
     names = output_schema(job.task.name).arrow.names
     clash = [c for c in job.input.keep_columns if c in names]
     if clash:

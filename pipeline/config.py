@@ -54,7 +54,8 @@ class InputConfig:
     """Input columns copied into the output, after the task's own columns."""
     text_kind: str = "string"
     """Set from the task, not by hand: messages when task.messages_column names the text column
-    (a list of {role, content} structs, read as JSON text)."""
+    (a list of {role, content} structs, read as JSON text); vector when task.embedding_column
+    does (a list of floats per row, read as a NumPy array)."""
     shard_rows: int = 100_000
     """Rows per shard, the unit of work and of memory: big files are split by row groups,
     small ones packed together. Applies to files not yet planned in the run folder."""
@@ -180,6 +181,9 @@ class TaskConfig:
     """recommend: the items' id column (Parquet catalogues)."""
     catalogue_text_column: str = "text"
     """recommend: the items' text column (Parquet catalogues)."""
+    catalogue_embedding_column: str | None = None
+    """recommend: the Parquet catalogue holds its vectors already, in this column (not embedded
+    again; an embed run folder's vectors are used without it)."""
     embedding_column: str | None = None
     """recommend: the queries are vectors already, in this input column (an embed run folder's
     `embedding`), instead of texts to embed."""
@@ -411,6 +415,9 @@ def _with_schema_file(cfg: JobConfig, where: str) -> JobConfig:
     if t.messages_column:
         text = {"text_column": t.messages_column, "text_kind": "messages"}
         cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, **text))
+    if t.embedding_column and t.name == "recommend":
+        text = {"text_column": t.embedding_column, "text_kind": "vector"}
+        cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, **text))
     if t.json_schema_file:
         if t.json_schema:
             raise ConfigError(f"{where}: give task.json_schema or task.json_schema_file, not both")
@@ -434,7 +441,10 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
             raise ConfigError(f"{where}: {msg}")
 
     need(bool(cfg.input.paths), "no input: give --input PATH (or input.paths in the job file)")
-    need(bool(cfg.model.path), "no model: give --model DIR (or model.path in the job file)")
+    need(
+        bool(cfg.model.path) or needs_no_model(cfg.task),
+        "no model: give --model DIR (or model.path in the job file)",
+    )
     need(bool(cfg.output.path), "no output: give --output DIR (or output.path in the job file)")
     need(
         cfg.task.name in TASKS,
@@ -518,8 +528,14 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
 TASK_OPTIONS = {
     "qa": ("question_column", "question", "handle_impossible"),
     "rerank": ("text_pair_column",),
-    "recommend": ("catalogue", "embedding_column", "exclude_column", "filter_column"),
-}
+    "recommend": ("catalogue", "catalogue_embedding_column", "embedding_column", "exclude_column",
+                  "filter_column"),
+}  # fmt: skip
+
+
+def needs_no_model(t: TaskConfig) -> bool:
+    """recommend over vectors alone (queries in task.embedding_column): no model is run."""
+    return t.name == "recommend" and bool(t.embedding_column)
 
 
 def _validate_new_tasks(t: TaskConfig, need) -> None:

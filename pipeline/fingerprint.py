@@ -36,7 +36,17 @@ def _sha256(p: Path) -> str:
 
 
 def model_identity(path: str) -> str:
-    """A hash of the model folder's contents: every file's name and bytes.
+    """A hash of the model folder's contents: every file's name and bytes (see content_identity);
+    "none" for a job that runs no model."""
+    if not path:
+        return "none"
+    root = Path(path)
+    files = sorted(q for q in root.rglob("*") if q.is_file() and not q.name.startswith("."))
+    return content_identity([(p.relative_to(root).as_posix(), p) for p in files])
+
+
+def content_identity(files: list[tuple[str, Path]]) -> str:
+    """A hash of (name, bytes) of each file.
 
     Files are hashed whole (a retrained model of the same size is another model); the hashes are
     cached by path, size, mtime and ctime in $FASTSERVE_HOME/cache (default ~/.fastserve), so a
@@ -48,13 +58,12 @@ def model_identity(path: str) -> str:
     except (OSError, ValueError):
         cache = {}
     h = hashlib.sha256()
-    root = Path(path)
     fresh = {}
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.startswith(".")):
+    for name, p in files:
         key = _stat_key(p)
         digest = cache.get(key) or _sha256(p)
         fresh[key] = digest
-        h.update(f"{p.relative_to(root).as_posix()}\0{digest}\0".encode())
+        h.update(f"{name}\0{digest}\0".encode())
     if cache_path and any(k not in cache for k in fresh):
         try:  # best effort: a read-only home only costs the hashing again next time
             from .manifest import atomic_write_json
@@ -92,6 +101,7 @@ LATER_OPTIONS = (
     "catalogue_id_column",
     "catalogue_text_column",
     "embedding_column",
+    "catalogue_embedding_column",
     "metric",
     "exclude_column",
     "filter_column",

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from .batch_api import is_requests_file, parquet_copy, write_responses
+from .catalogue import prepare as prepare_catalogue
 from .checks import check_job, check_output_place, check_requests
 from .config import JobConfig
 from .counts import Counts
@@ -109,6 +110,8 @@ def run_infer(
         return summary
     job = as_requests_job(job, files)
     check_output_place(job, files)
+    if job.task.name == "recommend":  # its catalogue as vectors (embedded first, if texts)
+        job = prepare_catalogue(job, lambda j: run_infer(j, executor_factory, stop=stop), share)
     fp = fingerprint(job)
     run = RunDir.at(job.output.path)
     try:

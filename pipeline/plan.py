@@ -110,6 +110,12 @@ def is_messages_type(t: pa.DataType) -> bool:
     return all(n in names and is_string_type(item.field(n).type) for n in ("role", "content"))
 
 
+def is_vector_type(t: pa.DataType) -> bool:
+    """A vector: a list (fixed size or not) of floats."""
+    listy = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    return listy and pa.types.is_floating(t.value_type)
+
+
 def text_column_problem(
     schema: pa.Schema,
     text_column: str,
@@ -134,6 +140,12 @@ def text_column_problem(
             return (
                 f"column {text_column!r} is {t} in {where}; task.messages_column expects a list "
                 "of {role, content} structs (strings)"
+            )
+    elif text_kind == "vector":
+        if not is_vector_type(t):
+            return (
+                f"column {text_column!r} is {t} in {where}; task.embedding_column expects a list "
+                "of floats per row (an embed run's embedding column)"
             )
     elif not is_string_type(t):
         return (

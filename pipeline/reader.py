@@ -55,6 +55,16 @@ def _decode(col: pa.ChunkedArray) -> tuple[list[str | None], dict[int, str]]:
         return texts, bad
 
 
+def vectors(col: pa.ChunkedArray) -> list:
+    """A list-of-floats column as one float32 NumPy row per row (read-only views into one array;
+    None for a null row, NaN for a null float)."""
+    arr = col.combine_chunks().cast(pa.list_(pa.float32()))
+    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
+
+
 class PieceError(InputError):
     """An input file of a shard that cannot be read as planned; `key` names the file."""
 
@@ -193,6 +203,8 @@ def _read_piece(
         if cfg.text_kind == "messages":  # a chat per row, as JSON text (null stays null)
             chats = table.column(cfg.text_column).to_pylist()
             texts, invalid = [None if c is None else json.dumps(c) for c in chats], {}
+        elif cfg.text_kind == "vector":
+            texts, invalid = vectors(table.column(cfg.text_column)), {}
         else:
             texts, invalid = _decode(table.column(cfg.text_column))
         if id_col is None:

@@ -99,7 +99,7 @@ def _validate_rows(
             bad.append((i, "invalid_text", invalid_text[i]))
         elif text is None:
             bad.append((i, "null_text", "the text column is null"))
-        elif not text.strip():
+        elif not (text.strip() if isinstance(text, str) else len(text)):
             bad.append((i, "empty_text", "the text is empty or blank"))
         else:
             good.append(i)
@@ -180,10 +180,15 @@ def run_shard(
     bad += [(good[k], reason, detail) for k, reason, detail in out.rejected]
 
     schema = task.schema.arrow
-    columns = {"id": [data.ids[i] for i in kept], **out.columns}
+    written = (
+        kept
+        if out.per_row is None
+        else [i for i, n in zip(kept, out.per_row, strict=True) for _ in range(n)]
+    )
+    columns = {"id": [data.ids[i] for i in written], **out.columns}
     table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
     if data.keep.num_columns:
-        taken = data.keep.take(pa.array(kept, type=pa.int64()))
+        taken = data.keep.take(pa.array(written, type=pa.int64()))
         for name in taken.column_names:
             table = table.append_column(taken.schema.field(name), taken.column(name))
     bound = (run.read_run() or {}).get("fingerprint", {}).get("sha")
@@ -205,7 +210,7 @@ def run_shard(
     t3 = time.perf_counter()
 
     result.rows_in = len(data.texts)
-    result.rows_out = table.num_rows
+    result.rows_out = len(kept)  # rows answered (a recommend row writes its top-k)
     result.rows_rejected = len(bad)
     result.rejected_by_reason = dict(Counter(r for _, r, _ in bad))
     result.tokens = out.tokens

@@ -23,6 +23,9 @@ class TaskOutput:
     """(index, reason, detail) for each row the task could not process."""
     tokens: int = 0
     """Real (unpadded) tokens the model read and wrote, for throughput figures."""
+    per_row: list[int] | None = None
+    """Output rows per kept row, where a row gives several (recommend: its top-k); the columns
+    then hold sum(per_row) values, each kept row's in turn. None: one row each."""
     usage: dict[str, int] = field(default_factory=dict)
     """Counters a user compares with other ways of running the job (generate: prompt_tokens,
     completion_tokens, and unparsed: constrained rows whose output did not complete)."""

@@ -67,9 +67,10 @@ class EmbedTask(ModelTask):
         limit = model_max_length(self.loaded.tokenizer, self.loaded.model.config)
         self.max_length = task_cfg.max_length or min(st.get("max_length", limit), limit)
 
-    def process(self, texts: list[str], ids=None, extra=None) -> TaskOutput:
+    def vectors(self, texts: list[str]) -> tuple[np.ndarray, list[int], EncoderRows]:
+        """(vectors (len(texts), dim) float32, the rows embedded ascending, the encoded rows and
+        their rejections); rows not embedded are zeros."""
         rows_in = EncoderRows(self.loaded.tokenizer, texts, self.max_length, self.cfg.on_long)
-        enc, rejected = rows_in.enc, rows_in.rejected
         dim = self.loaded.model.config.hidden_size
         vectors = np.zeros((len(texts), dim), dtype=np.float32)
 
@@ -85,7 +86,11 @@ class EmbedTask(ModelTask):
             for rows, v in rows_in.run(embed, self.cfg, self.loaded.device):
                 vectors[rows] = v
                 done += rows
-        kept = sorted(done)
+        return vectors, sorted(done), rows_in
+
+    def process(self, texts: list[str], ids=None, extra=None) -> TaskOutput:
+        vectors, kept, rows_in = self.vectors(texts)
+        enc, dim = rows_in.enc, vectors.shape[1]
         flat = pa.array(vectors[kept].reshape(-1), type=pa.float32())
         column = pa.FixedSizeListArray.from_arrays(flat, dim).cast(pa.list_(pa.float32()))
         return TaskOutput(
@@ -95,6 +100,6 @@ class EmbedTask(ModelTask):
                 "tokens": [enc.lengths[i] for i in kept],
                 "truncated": [enc.truncated[i] for i in kept],
             },
-            rejected=rejected,
+            rejected=rows_in.rejected,
             tokens=sum(enc.lengths[i] for i in kept),
         )
