@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fastserve.pipeline.testing import infer_args, toml_text
+from fastserve.pipeline.testing import infer_args, sample_texts, toml_text, write_texts
+from fastserve.pipeline.testing.models import build_encoder
 
 from conftest import read_sorted, run_cli
 
@@ -104,3 +105,70 @@ def test_exclusions_and_a_filter(tmp_path, integer_world):
         for r, (wid, ws) in zip(rows, want[a], strict=True):
             near = [s for _, s in want[a] if abs(s - ws) < 1e-6]
             assert r["item_id"] == wid or len(near) > 1
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return build_encoder(tmp_path_factory.mktemp("models") / "enc", seed=4, st_pooling="mean")
+
+
+def embed_run(tmp_path, model, corpus, out):
+    proc = run_cli(*infer_args(model, out, corpus, task="embed"))
+    assert proc.returncode == 0, proc.stderr
+    t = read_sorted(out)
+    return t.column("id").to_pylist(), np.array(t.column("embedding").to_pylist())
+
+
+def test_texts_embedded_once_and_a_nightly_rerun_does_only_new_queries(tmp_path, encoder):
+    items = sample_texts(90, seed=11, max_words=20)
+    write_texts(tmp_path / "items", items, files=2)
+    write_texts(tmp_path / "q1", sample_texts(25, seed=12, max_words=15))
+    job = {"k": 4, "catalogue": str(tmp_path / "items")}
+    proc = run_recommend(tmp_path, tmp_path / "q1", encoder, **job)
+    assert proc.returncode == 0, proc.stderr
+    nested = tmp_path / "out" / "_catalogue"
+    assert (nested / "_SUCCESS").exists()
+
+    # the reference: the same model's embed task on items and queries, then a full sort
+    item_ids, item_vecs = embed_run(tmp_path, encoder, tmp_path / "items", tmp_path / "ei")
+    q_ids, q_vecs = embed_run(tmp_path, encoder, tmp_path / "q1", tmp_path / "eq")
+    want = brute_force(q_vecs, item_vecs, item_ids, 4, "cosine")
+    got = by_query(read_sorted(tmp_path / "out"))
+    assert sorted(got) == q_ids
+    for a, qid in enumerate(q_ids):
+        assert [r["item_id"] for r in got[qid]] == [i for i, _ in want[a]]
+        assert [r["score"] for r in got[qid]] == pytest.approx([s for _, s in want[a]], abs=1e-5)
+
+    # the next night: new queries only; the catalogue is not embedded again
+    (tmp_path / "q2").mkdir()
+    texts2 = sample_texts(10, seed=13, max_words=15)
+    ids2 = [f"night2-{i}" for i in range(10)]
+    pq.write_table(pa.table({"id": ids2, "text": texts2}), tmp_path / "q2" / "q.parquet")
+    nested_outputs = {p: p.stat().st_mtime_ns for p in nested.glob("part-*.parquet")}
+    before = {p.name for p in (tmp_path / "out").glob("part-*.parquet")}
+    proc = run_recommend(tmp_path, tmp_path / "q2", encoder, **job)
+    assert proc.returncode == 0, proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in nested.glob("part-*.parquet")} == nested_outputs
+    new = {p.name for p in (tmp_path / "out").glob("part-*.parquet")} - before
+    assert len(new) == 1 and len(by_query(read_sorted(tmp_path / "out"))) == 35
+
+    # the catalogue grows: every query's top-k may change, so the folder refuses to mix them
+    pq.write_table(pa.table({"id": ["new-item"], "text": ["a brand new item about kettles"]}),
+                   tmp_path / "items" / "part-00099.parquet")  # fmt: skip
+    proc = run_recommend(tmp_path, tmp_path / "q2", encoder, **job)
+    assert proc.returncode != 0 and "catalogue" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_catalogue_of_another_model_is_refused(tmp_path, encoder):
+    other = build_encoder(tmp_path / "other", seed=9)
+    write_texts(tmp_path / "items", sample_texts(10, seed=1))
+    embed_run(tmp_path, other, tmp_path / "items", tmp_path / "emb")
+    write_texts(tmp_path / "q", sample_texts(3, seed=2))
+    proc = run_recommend(tmp_path, tmp_path / "q", encoder, catalogue=str(tmp_path / "emb"))
+    assert proc.returncode == 2 and "embedded with another model" in proc.stderr, proc.stderr
+    # its own model: the embed run's vectors are used as they are
+    proc = run_recommend(tmp_path, tmp_path / "q", other, catalogue=str(tmp_path / "emb"), k=2)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "out" / "_catalogue").exists()
+    assert read_sorted(tmp_path / "out").num_rows == 6
