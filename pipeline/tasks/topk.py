@@ -1,10 +1,10 @@
 """Exact top-k over a catalogue scored block by block: a running top-k per query.
 
-Each block of scores (queries x items, one matmul) is cut against the queries' current k-th
-score, so after the first block only the few items that can still enter a top-k are merged: the
-cost is the matmul and one comparison. Order is score descending, ties broken by item id
-ascending (`tie_rank`: each item's place in id order), so the result is one exact answer, the one
-a full sort gives, whatever the block size.
+Each block of scores (queries x items, one matmul) gives its k best per query in one pass
+(torch.topk), merged with the running k best; where an item left out of a block's k ties with
+its k-th, every tied item of that query joins the merge, so order is exactly score descending,
+ties broken by item id ascending (`tie_rank`: each item's place in id order), the answer a full
+sort gives, whatever the block size.
 """
 
 from __future__ import annotations
@@ -23,14 +23,28 @@ class RunningTopK:
 
     def offer(self, q0: int, scores: torch.Tensor, item0: int) -> None:
         """Scores (a float32 block: queries q0.. x items item0..; -inf: not a candidate)."""
-        k, n_items = self.k, scores.shape[1]
-        cut = torch.from_numpy(self.scores[q0 : q0 + scores.shape[0], k - 1].copy())
-        filling = torch.isneginf(cut)  # fewer than k so far: this block's own k-th decides
-        if bool(filling.any()) and n_items > k:
-            cut[filling] = torch.topk(scores[filling], k, dim=1).values[:, -1]
-        rows, cols = ((scores >= cut[:, None]) & ~torch.isneginf(scores)).nonzero(as_tuple=True)
-        if len(rows):
-            self._merge(rows.numpy() + q0, scores[rows, cols].numpy(), cols.numpy() + item0)
+        k, n = self.k, scores.shape[1]
+        # one pass over the block: its k best per query, and the next one, which says whether
+        # an item left out ties with the k-th (then, for that query alone, every tied item joins)
+        vals, idx = torch.topk(scores, min(k + 1, n), dim=1)
+        take = min(k, n)
+        rows = np.repeat(np.arange(q0, q0 + len(vals)), take)
+        s, i = vals[:, :take].numpy().ravel(), idx[:, :take].numpy().ravel()
+        if n > k:
+            kth = vals[:, k - 1]
+            tied = ((vals[:, k] == kth) & ~torch.isneginf(kth)).nonzero().flatten().tolist()
+            if tied:
+                drop = np.isin(rows - q0, tied) & (s == np.repeat(kth.numpy(), take))
+                rows, s, i = rows[~drop], s[~drop], i[~drop]
+                for r in tied:
+                    at = (scores[r] == kth[r]).nonzero().flatten().numpy()
+                    rows = np.concatenate([rows, np.full(len(at), q0 + r)])
+                    s = np.concatenate([s, np.full(len(at), kth[r].item(), dtype=np.float32)])
+                    i = np.concatenate([i, at])
+        # only what can still enter a top-k: finite, and not below the query's k-th so far
+        keep = (s >= self.scores[rows, k - 1]) & ~np.isneginf(s)
+        if keep.any():
+            self._merge(rows[keep], s[keep], i[keep] + item0)
 
     def _merge(self, rows: np.ndarray, scores: np.ndarray, items: np.ndarray) -> None:
         k = self.k
