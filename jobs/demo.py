@@ -78,9 +78,11 @@ def _infer_job(task: str, model: str, size: dict, workers: int) -> dict:
     opts = {"name": task, "batch_size": 64, "on_long": "reject"}
     if task == "generate":  # sampled, seeded per row: varied, and the same on every rerun
         opts.update(max_new_tokens=size["new"], do_sample=True, temperature=0.8, top_k=40)
+    if task == "recommend":  # reviews like these: the embed run's vectors are the catalogue
+        opts = {"name": task, "k": 3, "catalogue": "embed", "exclude_column": "self"}
     return {
         "input": {
-            "paths": ["../data/reviews"],
+            "paths": ["../data/queries" if task == "recommend" else "../data/reviews"],
             "shard_rows": size["shard_rows"],
             "text_column": "prompt" if task == "generate" else "text",
             "keep_columns": {"sentiment": ["true_label"], "generate": ["prompt"]}.get(task, []),
@@ -166,8 +168,9 @@ def demo(folder: str, size: str, workers: int) -> None:
         ("generate", str(root / "models" / "generator" / "export")),
     ]
     minilm = _minilm()
-    if minilm:
-        tasks.append(("embed", minilm))
+    if minilm:  # embeddings, then "reviews like this one" over them (the vectors reused)
+        tasks += [("embed", minilm), ("recommend", minilm)]
+        demo_data.write_queries(root / "data" / "queries", root / "data" / "reviews")
     for task, model in tasks:
         job = root / "runs" / f"{task}.toml"
         job.write_text(toml_text(_infer_job(task, model, s, workers)))
@@ -225,6 +228,9 @@ def summarize(root: Path, tasks: list[str]) -> str:
             lines.append(f"- {kind}: validation accuracy {v['val_accuracy']:.1%}")
         elif "val_perplexity" in v:
             lines.append(f"- {kind}: validation perplexity {v['val_perplexity']:.2f}")
+    if "recommend" in tasks:
+        lines += ["", "Reviews like this one (all-MiniLM-L6-v2, the closest other review):", ""]
+        lines += _likes(root)
     gen = _table(root / "runs" / "generate", columns=["id", "prompt", "generated"])
     lines += ["", "Sample generations (prompt → continuation):", ""]
     shown: set[str] = set()
@@ -233,6 +239,24 @@ def summarize(root: Path, tasks: list[str]) -> str:
             shown.add(row["prompt"])
             lines.append(f"- {row['prompt']!r} → {row['generated']!r}")
     return "\n".join(lines)
+
+
+def _likes(root: Path, shown: int = 3) -> list[str]:
+    """The first queries of the recommend step, each with its closest review."""
+    import pyarrow.parquet as pq
+
+    def by_id(table, column: str) -> dict:
+        return dict(
+            zip(table.column("id").to_pylist(), table.column(column).to_pylist(), strict=True)
+        )
+
+    texts = by_id(pq.read_table(root / "data" / "reviews", columns=["id", "text"]), "text")
+    asked = by_id(pq.read_table(root / "data" / "queries", columns=["id", "text"]), "text")
+    recs = _table(root / "runs" / "recommend")
+    best = recs.filter(pc.equal(recs.column("rank"), 1)).to_pylist()
+    return [
+        f"- {asked[r['id']]!r} → {texts[r['item_id']]!r} ({r['score']:.2f})" for r in best[:shown]
+    ]
 
 
 def _table(folder: Path, columns: list[str] | None = None):

@@ -85,3 +85,24 @@ def write_corpus(folder: Path, rows: int, shards: int, seed: int = 2) -> int:
             folder / f"reviews-{s:02d}.parquet",
         )
     return bad
+
+
+def write_queries(folder: Path, corpus: Path, n: int = 5) -> None:
+    """The recommend step's queries: the first `n` reviews of the corpus, each with itself as the
+    one item it must not be given (`self`, a list of ids)."""
+    if folder.exists():
+        return
+    first = sorted(corpus.glob("*.parquet"))[0]
+    rows = [r for r in pq.read_table(first, columns=["id", "text"]).to_pylist() if r["text"]]
+    rows = [r for r in rows if len(r["text"].split()) < 40][:n]
+    folder.mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"like-{r['id']}" for r in rows],
+                "text": [r["text"] for r in rows],
+                "self": [[r["id"]] for r in rows],
+            }
+        ),
+        folder / "queries.parquet",
+    )

