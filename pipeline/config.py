@@ -173,6 +173,9 @@ class TaskConfig:
     # rerank (cross-encoders)
     text_pair_column: str | None = None
     """rerank: the second text of each pair (the text column holds the first: the query)."""
+    candidates: str | None = None
+    """rerank: a recommend run folder: each input row (a query) is paired with its items there,
+    whose texts task.catalogue holds; the output is one row per (query, item), ranked again."""
     # recommend (two-tower retrieval)
     catalogue: str | None = None
     """recommend: the items, an embed run folder (its vectors reused) or Parquet files, a folder or
@@ -357,6 +360,7 @@ INFER_PATH_KEYS = (
     ("output", "path"),
     ("task", "json_schema_file"),
     ("task", "catalogue"),
+    ("task", "candidates"),
 )
 
 
@@ -525,12 +529,19 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
 
 # Which task takes which options (beyond the common ones): an option given to another task is an
 # error that says whose it is, rather than silently ignored.
-TASK_OPTIONS = {
-    "qa": ("question_column", "question", "handle_impossible"),
-    "rerank": ("text_pair_column",),
-    "recommend": ("catalogue", "catalogue_embedding_column", "embedding_column", "exclude_column",
-                  "filter_column"),
-}  # fmt: skip
+OPTION_TASKS = {
+    "question_column": ("qa",),
+    "question": ("qa",),
+    "handle_impossible": ("qa",),
+    "text_pair_column": ("rerank",),
+    "candidates": ("rerank",),
+    "catalogue": ("recommend", "rerank"),
+    "catalogue_embedding_column": ("recommend",),
+    "embedding_column": ("recommend",),
+    "exclude_column": ("recommend",),
+    "filter_column": ("recommend",),
+    "k": ("qa", "recommend"),
+}
 
 
 def needs_no_model(t: TaskConfig) -> bool:
@@ -540,16 +551,12 @@ def needs_no_model(t: TaskConfig) -> bool:
 
 def _validate_new_tasks(t: TaskConfig, need) -> None:
     """qa, rerank and recommend: their own options, and only theirs."""
-    for task, keys in TASK_OPTIONS.items():
-        for key in keys:
-            need(
-                t.name == task or not getattr(t, key),
-                f"task.{key} is for task {task}, not {t.name}",
-            )
-    need(
-        t.k is None or t.name in ("qa", "recommend"),
-        f"task.k is for tasks qa and recommend, not {t.name}",
-    )
+    for key, tasks in OPTION_TASKS.items():
+        need(
+            t.name in tasks or not getattr(t, key),
+            f"task.{key} is for task{'s' if len(tasks) > 1 else ''} {' and '.join(tasks)}, "
+            f"not {t.name}",
+        )
     need(t.k is None or t.k > 0, f"task.k must be > 0, got {t.k}")
     if t.name == "qa":
         need(
@@ -569,9 +576,14 @@ def _validate_new_tasks(t: TaskConfig, need) -> None:
         )
     if t.name == "rerank":
         need(
-            bool(t.text_pair_column),
-            "task rerank needs task.text_pair_column (the second text of each pair; the text "
-            "column holds the first)",
+            bool(t.text_pair_column) != bool(t.candidates),
+            "task rerank needs the second text of each pair: task.text_pair_column (a column), "
+            "or task.candidates (a recommend run folder: each query's items, their texts in "
+            "task.catalogue), one of the two",
+        )
+        need(
+            not t.candidates or bool(t.catalogue),
+            "task.candidates needs task.catalogue: the items' Parquet files (id and text)",
         )
     if t.name == "recommend":
         need(

@@ -119,6 +119,7 @@ def fingerprint(job: JobConfig) -> dict:
     task.pop("task.json_schema_file")  # its schema is task.json_schema; where it lay is not
     task.pop("task.block_items")  # how the catalogue is scored, not what the top-k is
     task.pop("task.catalogue")  # where it lies is not what it holds: that is "catalogue" below
+    task.pop("task.candidates")  # likewise
     defaults = TaskConfig()
     for name in LATER_OPTIONS:
         if getattr(job.task, name) == getattr(defaults, name):
@@ -134,9 +135,13 @@ def fingerprint(job: JobConfig) -> dict:
         "schema": f"{job.task.name}.v{schemas.load(job.task.name).version}",
         "fastserve": __version__.rsplit(".", 1)[0],  # patch releases do not change results
     }
-    if job.task.name == "recommend":
+    if job.task.catalogue:
         from .catalogue import catalogue_identity
 
         fields["catalogue"] = catalogue_identity(job)
+    if job.task.candidates:
+        from .catalogue import run_identity
+
+        fields["candidates"] = run_identity(job.task.candidates)
     blob = json.dumps(fields, sort_keys=True).encode()
     return {"sha": hashlib.sha256(blob).hexdigest()[:16], "fields": fields}

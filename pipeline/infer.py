@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from .batch_api import is_requests_file, parquet_copy, write_responses
+from .catalogue import check_candidates
 from .catalogue import prepare as prepare_catalogue
 from .checks import check_job, check_output_place, check_requests
 from .config import JobConfig
@@ -112,6 +113,8 @@ def run_infer(
     check_output_place(job, files)
     if job.task.name == "recommend":  # its catalogue as vectors (embedded first, if texts)
         job = prepare_catalogue(job, lambda j: run_infer(j, executor_factory, stop=stop), share)
+    if job.task.candidates:  # rerank a recommend run's items
+        check_candidates(job.task)
     fp = fingerprint(job)
     run = RunDir.at(job.output.path)
     try:

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fastserve.pipeline.testing import infer_args, sample_texts, toml_text
-from fastserve.pipeline.testing.models import build_classifier
+from fastserve.pipeline.testing.models import build_classifier, build_encoder
 
 from conftest import read_sorted, run_cli
 
@@ -83,7 +83,7 @@ def test_rerank_options_are_checked(tmp_path, cross_encoder, classifier):
     (tmp_path / "job.toml").write_text(toml_text({"task": {"name": "rerank"}}))
     proc = run_cli(*infer_args(cross_encoder, tmp_path / "o", tmp_path / "c", task="rerank",
                                extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
-    assert proc.returncode == 2 and "needs task.text_pair_column" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "needs the second text of each pair" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     # a three-label classifier is no cross-encoder: said before any row is scored
     proc = run_rerank(tmp_path, classifier, tmp_path / "c")
@@ -95,3 +95,44 @@ def test_rerank_options_are_checked(tmp_path, cross_encoder, classifier):
     proc = run_cli(*infer_args(cross_encoder, tmp_path / "o", tmp_path / "c",
                                extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
     assert proc.returncode == 2 and "task.text_pair_column is for task rerank" in proc.stderr
+
+
+def test_rerank_a_recommend_runs_candidates(tmp_path, cross_encoder):
+    """Retrieve, then rerank: each query's top-k items of a recommend run, scored again by the
+    cross-encoder; equal to CrossEncoder.predict on those (query, item text) pairs."""
+    from sentence_transformers import CrossEncoder
+
+    encoder = build_encoder(tmp_path / "enc", seed=2)
+    items = sample_texts(30, seed=3, max_words=20)
+    (tmp_path / "items").mkdir()
+    item_ids = [f"item{i:02d}" for i in range(30)]
+    pq.write_table(pa.table({"id": item_ids, "text": items}), tmp_path / "items" / "i.parquet")
+    queries = sample_texts(6, seed=4, max_words=10)
+    (tmp_path / "q").mkdir()
+    qids = [f"q{i}" for i in range(6)]
+    pq.write_table(pa.table({"id": qids, "text": queries}), tmp_path / "q" / "q.parquet")
+    (tmp_path / "rec.toml").write_text(toml_text({"task": {
+        "name": "recommend", "k": 4, "catalogue": str(tmp_path / "items")}}))  # fmt: skip
+    proc = run_cli(*infer_args(encoder, tmp_path / "recs", tmp_path / "q", task="recommend",
+                               extra=["--config", tmp_path / "rec.toml"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "job.toml").write_text(toml_text({"task": {
+        "name": "rerank", "candidates": str(tmp_path / "recs"),
+        "catalogue": str(tmp_path / "items")}}))  # fmt: skip
+    proc = run_cli(*infer_args(cross_encoder, tmp_path / "out", tmp_path / "q", task="rerank",
+                               extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    recs = read_sorted(tmp_path / "recs").to_pylist()
+    got = read_sorted(tmp_path / "out").sort_by([("id", "ascending"), ("rank", "ascending")])
+    model = CrossEncoder(str(cross_encoder), device="cpu")
+    text = dict(zip(item_ids, items, strict=True))
+    want = []
+    for qid, q in zip(qids, queries, strict=True):
+        mine = [r["item_id"] for r in recs if r["id"] == qid]
+        assert len(mine) == 4
+        scores = model.predict([(q, text[i]) for i in mine])
+        ranked = sorted(zip(mine, scores, strict=True), key=lambda p: (-p[1], p[0]))
+        want += [(qid, r + 1, i, float(s)) for r, (i, s) in enumerate(ranked)]
+    rows = [(r["id"], r["rank"], r["item_id"], r["score"]) for r in got.to_pylist()]
+    assert [r[:3] for r in rows] == [w[:3] for w in want]
+    assert [r[3] for r in rows] == pytest.approx([w[3] for w in want], abs=1e-5)
