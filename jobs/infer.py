@@ -136,6 +136,17 @@ def infer(config_file, **flags) -> None:
         _run(job, executor_factory)
 
 
+def _nested(job, executor_factory, stop: Stop):
+    """A run the job needs first (recommend: its catalogue's embeddings), with its own progress."""
+    click.echo(f"first, task {job.task.name} over {', '.join(job.input.paths)}:", err=True)
+    progress = Progress()
+    summary = run_infer(
+        job, executor_factory, on_shard=progress.shard, on_start=progress.start, stop=stop
+    )
+    progress.finish(summary)
+    return summary
+
+
 def _run(job, executor_factory) -> None:
     progress = Progress()
     stop = Stop()
@@ -164,6 +175,7 @@ def _run(job, executor_factory) -> None:
         stop=stop,
         share=slurm.share,
         launcher=launcher,
+        nested=lambda nested_job: _nested(nested_job, executor_factory, stop),
     )
     progress.finish(summary)
     for note in summary.notes:

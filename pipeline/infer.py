@@ -87,13 +87,15 @@ def run_infer(
     stop: Stop | None = None,
     share: tuple[int, int] = (0, 1),
     launcher: dict | None = None,
+    nested: Callable[[JobConfig], RunSummary] | None = None,
 ) -> RunSummary:
     """Run every shard of `job` that is not complete; return the run's totals.
 
     `share=(k, n)`: this process runs the shards it owns (array tasks splitting one run folder;
     each shard has one owner, so each row is written once); duplicates are judged over every
     pending shard, whoever owns it. `launcher`: facts about what started the run (e.g. a Slurm job
-    id), kept in the run's entry.
+    id), kept in the run's entry. `nested(job)` runs a job this one needs first (recommend: the
+    embedding of a text catalogue) to its end; default: run_infer with the same executors.
 
     `on_start(summary, pending)` is called once the cluster is up (and again if shards are
     re-planned mid-run), `on_shard(result, summary)` after each shard, for progress display.
@@ -112,7 +114,8 @@ def run_infer(
     job = as_requests_job(job, files)
     check_output_place(job, files)
     if job.task.name == "recommend":  # its catalogue as vectors (embedded first, if texts)
-        job = prepare_catalogue(job, lambda j: run_infer(j, executor_factory, stop=stop), share)
+        nested = nested or (lambda j: run_infer(j, executor_factory, stop=stop))
+        job = prepare_catalogue(job, nested, share)
     if job.task.candidates:  # rerank a recommend run's items
         check_candidates(job.task)
     fp = fingerprint(job)
