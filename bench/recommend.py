@@ -56,7 +56,12 @@ def rate_table(n_queries: int, n_items: int, dim: int, block: int, k: int, round
     return [
         ("one whole matmul (no top-k)", one, flops / one / 1e9, 1.0),
         (f"blocked matmul, {block} items/block (no top-k)", bare, flops / bare / 1e9, one / bare),
-        (f"recommend scoring: blocked matmul + running top-{k}", ours, flops / ours / 1e9, one / ours),
+        (
+            f"recommend scoring: blocked matmul + running top-{k}",
+            ours,
+            flops / ours / 1e9,
+            one / ours,
+        ),
     ]
 
 
@@ -114,7 +119,9 @@ def main() -> None:
         args.queries, args.items, args.dim, args.block = 64, 3000, 32, 500
         args.rounds, args.memory_items, args.factor = 1, 500, 2
     print(f"torch threads: {torch.get_num_threads()}")
-    print(f"\n## Scoring: {args.queries} queries x {args.items} items, d={args.dim}, best of {args.rounds}\n")
+    print(
+        f"\n## Scoring: {args.queries} queries x {args.items} items, d={args.dim}, best of {args.rounds}\n"
+    )
     print("| scoring | seconds | GFLOP/s | rate vs one matmul |")
     print("|---|---|---|---|")
     for name, sec, gflops, ratio in rate_table(

@@ -79,15 +79,17 @@ class TaskConfig:
     batch_size: int | None = None
     """Most rows per model call (rows are sorted by length first, so batches pad little); for
     generate, the rows decoding together (continuous batching: a finished row's slot is refilled).
-    Unset: 256 for sentiment and embed (max_tokens decides), 32 for generate and translate."""
+    Unset: 256 for the encoder tasks (sentiment, embed, classify, qa, rerank, recommend: max_tokens
+    decides), 32 for generate and translate."""
     max_tokens: int | None = None
-    """sentiment, embed: most padded tokens per model call (rows x the batch's longest row), so
+    """The encoder tasks: most padded tokens per model call (rows x the batch's longest row), so
     short rows go in big batches and long ones in small. 0: rows alone (batch_size) decide.
     Unset: 2048 on CPU (a batch's activations stay in cache), 16384 on GPU."""
     max_length: int | None = None
     """Longest input in tokens. Unset: the model's own limit."""
     on_long: str = "truncate"
-    """What to do with a text over max_length: truncate (and say so in `truncated`) or reject."""
+    """What to do with a text over max_length: truncate (and say so in `truncated`) or reject.
+    (qa never cuts a context: a long one is read as windows.)"""
     # generate, translate
     max_new_tokens: int = 128
     """Most tokens to generate per row."""

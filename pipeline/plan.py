@@ -156,8 +156,8 @@ def text_column_problem(
     if lacking:
         return (
             f"input file {where} lacks the column(s) {', '.join(lacking)} that the task's options "
-            "name (task.prompt_template, task.system_column, task.max_new_tokens_column, "
-            f"task.target_lang_column); columns: {', '.join(schema.names)}"
+            f"name (a task.*_column option, or a field of task.prompt_template); columns: "
+            f"{', '.join(schema.names)}"
         )
     return None
 
