@@ -80,7 +80,6 @@ def write_catalogue(folder: Path, n: int, dim: int, seed: int) -> None:
 
 def memory_table(n_items: int, factor: int, dim: int, block: int, queries: int) -> list:
     from bench.memory import peak_rss
-
     from fastserve.pipeline.testing import toml_text
 
     rows = []
