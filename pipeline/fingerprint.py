@@ -140,8 +140,8 @@ def fingerprint(job: JobConfig) -> dict:
 
         fields["catalogue"] = catalogue_identity(job)
     if job.task.candidates:
-        from .catalogue import run_identity
+        from .candidates import candidates_identity
 
-        fields["candidates"] = run_identity(job.task.candidates)
+        fields["candidates"] = candidates_identity(job.task.candidates)
     blob = json.dumps(fields, sort_keys=True).encode()
     return {"sha": hashlib.sha256(blob).hexdigest()[:16], "fields": fields}

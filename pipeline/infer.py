@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from .batch_api import is_requests_file, parquet_copy, write_responses
-from .catalogue import check_candidates
-from .catalogue import prepare as prepare_catalogue
+from .candidates import check_candidates
+from .catalogue import embed_texts
+from .catalogue import resolve as resolve_catalogue
 from .checks import check_job, check_output_place, check_requests
 from .config import JobConfig
 from .counts import Counts
@@ -113,9 +114,8 @@ def run_infer(
         return summary
     job = as_requests_job(job, files)
     check_output_place(job, files)
-    if job.task.name == "recommend":  # its catalogue as vectors (embedded first, if texts)
-        nested = nested or (lambda j: run_infer(j, executor_factory, stop=stop))
-        job = prepare_catalogue(job, nested, share)
+    if job.task.name == "recommend":  # the catalogue checked (a text one is embedded below)
+        job = resolve_catalogue(job, share)
     if job.task.candidates:  # rerank a recommend run's items
         check_candidates(job.task)
     fp = fingerprint(job)
@@ -123,6 +123,14 @@ def run_infer(
     try:
         run.bind(fp, job.output.overwrite)
         with run.lock():
+            if job.task.name == "recommend":  # a text catalogue: its vectors first
+                try:
+                    job = embed_texts(
+                        job, nested or (lambda j: run_infer(j, executor_factory, stop=stop))
+                    )
+                except Stopped:
+                    summary.interrupted = True
+                    return summary
             if job.task.requests:  # each request file is read through its Parquet copy
                 files = {k: parquet_copy(k, run.root / "_inputs") for k in files}
             return _Run(job, run, fp["sha"], files, stop, share, summary).go(

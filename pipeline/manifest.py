@@ -80,6 +80,14 @@ def atomic_write_parquet(path: Path, table: pa.Table) -> str:
     return digest
 
 
+# What a change of a fingerprint field that is a hash means, in words.
+CHANGE_HINTS = {
+    "model": "the model folder's files changed",
+    "catalogue": "the catalogue's files changed: added, removed or rewritten",
+    "candidates": "the recommend run was redone with another config",
+}
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -220,6 +228,7 @@ class RunDir:
                 new = fingerprint["fields"]
                 diffs = [
                     f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                    + (f" ({CHANGE_HINTS[k]})" if k in CHANGE_HINTS else "")
                     for k in sorted(set(old) | set(new))
                     if old.get(k) != new.get(k)
                 ]

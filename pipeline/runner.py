@@ -80,6 +80,7 @@ def _validate_rows(
     texts: list[str | None],
     duplicates: dict[int, tuple[str, str]],
     invalid_text: dict[int, str] | None = None,
+    column: str = "text",
 ) -> tuple[list[int], list[tuple[int, str, str]]]:
     """Rows a task can take, and (row, reason, detail) for the rest, in row order.
 
@@ -98,9 +99,9 @@ def _validate_rows(
         elif invalid_text and i in invalid_text:
             bad.append((i, "invalid_text", invalid_text[i]))
         elif text is None:
-            bad.append((i, "null_text", "the text column is null"))
+            bad.append((i, "null_text", f"the text column {column!r} is null"))
         elif not (text.strip() if isinstance(text, str) else len(text)):
-            bad.append((i, "empty_text", "the text is empty or blank"))
+            bad.append((i, "empty_text", f"the text column {column!r} is empty or blank"))
         else:
             good.append(i)
         if rid is not None:
@@ -153,7 +154,9 @@ def run_shard(
         result.error = str(e)
         return result
     duplicates = duplicates or {}
-    good, bad = _validate_rows(data.ids, data.texts, duplicates, data.invalid_text)
+    good, bad = _validate_rows(
+        data.ids, data.texts, duplicates, data.invalid_text, job.input.text_column
+    )
     t1 = time.perf_counter()
 
     with _model_lock:

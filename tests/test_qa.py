@@ -58,7 +58,7 @@ def reference(model_dir, question, context, max_length, doc_stride, k, longest, 
     q_tokens = len(tok(question, add_special_tokens=False)["input_ids"])
     room = max_length - tok.num_special_tokens_to_add(pair=True) - q_tokens
     enc = tok(question, context, truncation="only_second", max_length=max_length,
-              stride=min(doc_stride, room - 1), return_overflowing_tokens=True,
+              stride=doc_stride if doc_stride < room else room // 2, return_overflowing_tokens=True,
               return_offsets_mapping=True)  # fmt: skip
     spans, null = {}, 1.0
     for w, ids in enumerate(enc["input_ids"]):
@@ -95,7 +95,7 @@ def test_batched_windows_equal_the_one_row_reference(tmp_path, qa_model, asked):
     rng = random.Random(7)
     contexts = sample_texts(24, seed=11, min_words=3, max_words=70)
     questions = sample_texts(24, seed=12, min_words=2, max_words=8)
-    questions[5] = " ".join(["great"] * 22)  # leaves 7 context tokens a window: stride 6, not 8
+    questions[5] = " ".join(["great"] * 22)  # leaves 7 context tokens a window: stride 3, not 8
     if asked == "question":
         questions = ["what was good about it?"] * 24
     task = {"k": 3, "max_length": 32, "doc_stride": 8, "max_answer_length": 6,
@@ -222,3 +222,22 @@ def test_qa_without_a_question_is_a_config_error(tmp_path, qa_model):
     proc = run_cli(*infer_args(qa_model, tmp_path / "o", tmp_path / "c", task="qa"))
     assert proc.returncode == 2 and proc.stderr.count(needle) == 1, proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_long_context_under_a_long_question_moves_on_by_half_a_window(tmp_path, qa_model):
+    """doc_stride (128) larger than a window's room for context (32 tokens, a long question):
+    windows overlap by half their room, so a long context takes ~2 x tokens / room windows, not
+    one window per token."""
+    from transformers import AutoTokenizer
+
+    context = " ".join(sample_texts(40, seed=3, min_words=10, max_words=20))
+    question = " ".join(["great"] * 20)
+    write_rows(tmp_path / "c", [context], [question])
+    proc = run_qa(tmp_path, qa_model, {"question_column": "question", "max_length": 32},
+                  "--executor", "serial")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    tok = AutoTokenizer.from_pretrained(qa_model)
+    n = len(tok(context, add_special_tokens=False)["input_ids"])
+    room = 32 - 3 - len(tok(question, add_special_tokens=False)["input_ids"])
+    windows = read_sorted(tmp_path / "out").column("windows")[0].as_py()
+    assert n > 20 * room and windows <= 2 * n // room + 2, (n, room, windows)

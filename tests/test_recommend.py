@@ -156,8 +156,32 @@ def test_texts_embedded_once_and_a_nightly_rerun_does_only_new_queries(tmp_path,
     pq.write_table(pa.table({"id": ["new-item"], "text": ["a brand new item about kettles"]}),
                    tmp_path / "items" / "part-00099.parquet")  # fmt: skip
     proc = run_recommend(tmp_path, tmp_path / "q2", encoder, **job)
-    assert proc.returncode != 0 and "catalogue" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "the catalogue's files changed" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+    # ...before anything is embedded: the folder's catalogue is still the one its rows came from
+    assert {p: p.stat().st_mtime_ns for p in nested.glob("part-*.parquet")} == nested_outputs
+    # taken back: nothing changed after all
+    (tmp_path / "items" / "part-00099.parquet").unlink()
+    proc = run_recommend(tmp_path, tmp_path / "q2", encoder, **job)
+    assert proc.returncode == 0, proc.stderr
+
+    # with --overwrite, the grown catalogue is embedded (the new file only) and every query redone
+    pq.write_table(pa.table({"id": ["new-item"], "text": ["a brand new item about kettles"]}),
+                   tmp_path / "items" / "part-00099.parquet")  # fmt: skip
+    proc = run_recommend(tmp_path, tmp_path / "q2", encoder, extra=["--overwrite"], **job)
+    assert proc.returncode == 0, proc.stderr
+    assert {
+        p: p.stat().st_mtime_ns for p in nested.glob("part-*.parquet")
+    }.items() > nested_outputs.items()
+    # a catalogue file removed: its items leave the catalogue (not only the run's identity)
+    (tmp_path / "items" / "part-00000.parquet").unlink()
+    proc = run_recommend(tmp_path, tmp_path / "q2", encoder, extra=["--overwrite"], **job)
+    assert proc.returncode == 0, proc.stderr
+    left = set(pq.read_table(tmp_path / "items", columns=["id"]).column("id").to_pylist())
+    cat = pq.read_table(nested, columns=["id"]).column("id").to_pylist()
+    assert sorted(cat) == sorted(left) and "new-item" in left
+    recs = read_sorted(tmp_path / "out")
+    assert set(recs.column("item_id").to_pylist()) <= left and recs.num_rows == 4 * 10
 
 
 def test_a_catalogue_of_another_model_is_refused(tmp_path, encoder):
@@ -206,3 +230,54 @@ def test_real_minilm_equals_semantic_search(tmp_path):
         for r, h in zip(rows, want, strict=True):  # the same item, but where two tie in rounding
             tied = [w for w in want if abs(w["score"] - h["score"]) < 1e-5]
             assert r["item_id"] == item_ids[h["corpus_id"]] or len(tied) > 1
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ("null", "row 3 is null"),
+        ("nan", "row 3 holds a null, NaN or infinite value"),
+        ("empty", "row 3 is empty"),
+        ("short", "row 3 has 5 values where row 0 has 6"),
+        ("zero", "has a zero vector"),
+        ("dup", "appears twice in the catalogue"),
+        ("null-id", "row 3 has a null 'id'"),
+    ],
+)
+def test_a_bad_catalogue_is_refused_before_any_worker_starts(tmp_path, integer_world, bad, needle):
+    root, items, item_ids, *_ = integer_world
+    vectors = [list(map(float, v)) for v in items[:6]]
+    ids = [f"i{j}" for j in range(6)]
+    if bad == "null":
+        vectors[3] = None
+    elif bad == "nan":
+        vectors[3][2] = float("nan")
+    elif bad == "empty":
+        vectors[3] = []
+    elif bad == "short":
+        vectors[3] = vectors[3][:5]
+    elif bad == "zero":
+        vectors[3] = [0.0] * 6
+    elif bad == "dup":
+        ids[3] = ids[1]
+    else:
+        ids[3] = None
+    (tmp_path / "cat").mkdir()
+    col = pa.array(vectors, type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"id": ids, "embedding": col}), tmp_path / "cat" / "c.parquet")
+    proc = run_recommend(tmp_path, root / "queries", catalogue=str(tmp_path / "cat"),
+                         catalogue_embedding_column="embedding", embedding_column="embedding")  # fmt: skip
+    assert proc.returncode == 2 and needle in proc.stderr and "c.parquet" in proc.stderr, (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_embed_run_missing_a_file_is_named(tmp_path, encoder):
+    write_texts(tmp_path / "items", sample_texts(10, seed=1))
+    embed_run(tmp_path, encoder, tmp_path / "items", tmp_path / "emb")
+    next((tmp_path / "emb").glob("part-*.parquet")).unlink()
+    write_texts(tmp_path / "q", sample_texts(3, seed=2))
+    proc = run_recommend(tmp_path, tmp_path / "q", encoder, catalogue=str(tmp_path / "emb"))
+    assert proc.returncode == 2 and "is missing from its run folder" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

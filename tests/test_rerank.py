@@ -136,3 +136,37 @@ def test_rerank_a_recommend_runs_candidates(tmp_path, cross_encoder):
     rows = [(r["id"], r["rank"], r["item_id"], r["score"]) for r in got.to_pylist()]
     assert [r[:3] for r in rows] == [w[:3] for w in want]
     assert [r[3] for r in rows] == pytest.approx([w[3] for w in want], abs=1e-5)
+
+    # the next night: new queries, recommended then reranked; only they are done
+    pq.write_table(pa.table({"id": ["n0", "n1"], "text": sample_texts(2, seed=9)}),
+                   tmp_path / "q" / "night2.parquet")  # fmt: skip
+    proc = run_cli(*infer_args(encoder, tmp_path / "recs", tmp_path / "q", task="recommend",
+                               extra=["--config", tmp_path / "rec.toml"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    before = {p.name for p in (tmp_path / "out").glob("part-*.parquet")}
+    proc = run_cli(*infer_args(cross_encoder, tmp_path / "out", tmp_path / "q", task="rerank",
+                               extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    new = {p.name for p in (tmp_path / "out").glob("part-*.parquet")} - before
+    assert len(new) == 1
+    assert sorted(
+        pq.read_table(tmp_path / "out" / new.pop()).column("id").unique().to_pylist()
+    ) == ["n0", "n1"]
+    # queries the recommend run never saw: rejected, the shard complete
+    pq.write_table(pa.table({"id": ["x0", "x1"], "text": ["a", "b"]}), tmp_path / "x.parquet")
+    proc = run_cli(*infer_args(cross_encoder, tmp_path / "out2", tmp_path / "x.parquet",
+                               task="rerank", extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert read_sorted(tmp_path / "out2" / "_rejected").column("reason").to_pylist() == [
+        "no_candidates",
+        "no_candidates",
+    ]
+
+
+def test_a_shard_of_only_bad_pairs_completes(tmp_path, cross_encoder):
+    ids = write_pairs(tmp_path / "c", ["q one", "q two"], [None, None])
+    proc = run_rerank(tmp_path, cross_encoder, tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    rejected = read_sorted(tmp_path / "out" / "_rejected")
+    assert rejected.column("id").to_pylist() == ids
+    assert rejected.column("reason").to_pylist() == ["null_pair", "null_pair"]

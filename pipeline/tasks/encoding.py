@@ -52,6 +52,8 @@ def encode(
     `pairs`: a second text per row, cut as `truncation` says: only_first (classify: the premise,
     never the hypothesis) or longest_first (rerank: tokens off the longer text, as a
     cross-encoder does)."""
+    if not texts:  # (the tokenizer fails on none)
+        return Encoded(features=[], truncated=[], lengths=[])
     if pairs is not None and truncation == "longest_first":
         # the tokenizer cannot report overflow for longest_first: compare with the whole lengths
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)

@@ -3,7 +3,7 @@ question-answering pipeline does it; the row's text is the context.
 
 Question and context are tokenized as a pair (question first, unless the tokenizer pads on the
 left); a context too long for max_length becomes overlapping windows sharing doc_stride tokens
-(fewer where a long question leaves less room). All windows of a chunk run in length-sorted,
+(half a window where a long question leaves less room than doc_stride). All windows of a chunk run in length-sorted,
 padded batches. Per window, the start and the end logits are softmaxed over the context tokens
 and [CLS]; a span scores P(start) x P(end), with start <= end and at most max_answer_length
 tokens. A row's answers are its k best distinct character spans over all windows, each scored
@@ -46,6 +46,14 @@ class Windows(EncoderRows):
         self.todo = list(range(len(windows)))
 
 
+def stride(doc_stride: int, room: int) -> int:
+    """The overlap of a row's windows: doc_stride, unless a window's `room` for context tokens
+    is not more than that (a long question, a short max_length); then half the room, so each
+    window still moves on by half a window (not one token: a long context would take as many
+    windows as tokens)."""
+    return doc_stride if doc_stride < room else room // 2
+
+
 class QATask(ModelTask):
     name = "qa"
 
@@ -71,7 +79,7 @@ class QATask(ModelTask):
                          else f"no context token fits in max_length {self.max_length}")  # fmt: skip
                 rejected[i] = (i, "question_too_long", f"the question is {len(q)} tokens; {limit}")
             else:
-                by_stride.setdefault(min(cfg.doc_stride, room - 1), []).append(i)
+                by_stride.setdefault(stride(cfg.doc_stride, room), []).append(i)
         windows = [
             w for s, rows in by_stride.items() for w in self._windows(questions, texts, rows, s)
         ]

@@ -95,7 +95,7 @@ class RecommendTask:
                 if wanted is not None:
                     codes = pc.index_in(filters.cast(pa.string()), value_set=wanted[1])
                     codes = codes.fill_null(-1)
-                    item_codes = torch.from_numpy(codes.to_numpy(zero_copy_only=False))
+                    item_codes = torch.from_numpy(np.array(codes.to_numpy(zero_copy_only=False)))
                     mine = wanted[0][q0 : q0 + step, None]
                     scores[(mine >= 0) & (mine != item_codes[None, :])] = -torch.inf
                 if excluded is not None:

@@ -94,7 +94,7 @@ class RerankTask(ModelTask):
     def _candidates(self, texts: list[str], ids: list[str]) -> TaskOutput:
         """Each query with its items in the recommend run task.candidates, ranked again by the
         cross-encoder (score descending, ties by item id)."""
-        from ..catalogue import candidates_of
+        from ..candidates import candidates_of
 
         items, item_texts = candidates_of(self.cfg, ids)
         bad, pairs = {}, []
