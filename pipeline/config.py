@@ -208,16 +208,20 @@ class TaskConfig:
     normalize: bool | None = None
     """embed: L2-normalise. Unset: as the folder's sentence-transformers modules say, else no."""
 
-    def input_columns(self) -> tuple[str, ...]:
-        """Input columns this task reads besides the text."""
+    def input_columns(self) -> dict[str, str]:
+        """Input columns this task reads besides the text, each with the option naming it
+        (iterates as the column names)."""
         if self.requests:
             from .batch_api import REQUEST_COLUMNS
 
-            return REQUEST_COLUMNS
-        named = (self.max_new_tokens_column, self.target_lang_column, self.system_column,
-                 self.question_column, self.text_pair_column, self.exclude_column,
-                 self.filter_column)  # fmt: skip
-        return tuple(dict.fromkeys([*(c for c in named if c), *self.template_fields()]))
+            return dict.fromkeys(REQUEST_COLUMNS, "a Batch-API request")
+        options = ("max_new_tokens_column", "target_lang_column", "system_column",
+                   "question_column", "text_pair_column", "exclude_column", "filter_column")  # fmt: skip
+        named = {getattr(self, o): f"task.{o}" for o in reversed(options) if getattr(self, o)}
+        named = dict(reversed(named.items()))  # the first option naming a column names it
+        for f in self.template_fields():
+            named.setdefault(f, "task.prompt_template")
+        return named
 
     def template_fields(self) -> tuple[str, ...]:
         """The input columns prompt_template names, but the text ({text}); fields nested in a

@@ -120,7 +120,7 @@ def text_column_problem(
     schema: pa.Schema,
     text_column: str,
     where: str,
-    task_columns: tuple[str, ...] = (),
+    task_columns: tuple[str, ...] | dict[str, str] = (),
     text_kind: str = "string",
 ) -> str | None:
     """Why a file with `schema` cannot be a corpus shard (no text column, or none of the columns
@@ -154,9 +154,10 @@ def text_column_problem(
         )
     lacking = [c for c in task_columns if c not in schema.names]
     if lacking:
+        named = [task_columns[c] for c in lacking] if isinstance(task_columns, dict) else []
         return (
-            f"input file {where} lacks the column(s) {', '.join(lacking)} that the task's options "
-            f"name (a task.*_column option, or a field of task.prompt_template); columns: "
+            f"input file {where} lacks the column(s) {', '.join(lacking)} that "
+            f"{', '.join(dict.fromkeys(named)) or 'the task options'} name; columns: "
             f"{', '.join(schema.names)}"
         )
     return None
@@ -167,7 +168,7 @@ def file_pieces(
     path: str,
     text_column: str,
     shard_rows: int,
-    task_columns: tuple[str, ...] = (),
+    task_columns: tuple[str, ...] | dict[str, str] = (),
     text_kind: str = "string",
 ) -> tuple[list[Piece], str | None]:
     """Split one file into row-group ranges of at most `shard_rows` rows (at least one group);
@@ -220,7 +221,7 @@ def plan_files(
     shard_rows: int,
     prefix: str,
     alone: frozenset[str] = frozenset(),
-    task_columns: tuple[str, ...] = (),
+    task_columns: tuple[str, ...] | dict[str, str] = (),
     text_kind: str = "string",
 ) -> tuple[list[Shard], dict[str, str]]:
     """Shards for `files` ({key: path}), and {key: problem} for the files that cannot be planned."""
