@@ -32,6 +32,7 @@ bench: install  ## benchmarks; figures go to bench/RESULTS.md
 	$(PY) -m bench.train_pipeline
 	$(PY) -m bench.throughput --rows 1000 --shards 100 --prompts 192 --rounds 2 --slots 64
 	$(PY) -m bench.prompting --rows 128 --rounds 2
+	$(PY) -m bench.recommend
 	$(PY) -m pytest -q -s tests/test_run_folder_model.py --hypothesis-profile nightly  # the run folder, longer
 
 format: install

@@ -40,3 +40,8 @@ def test_throughput_benchmark_runs_at_smoke_size():
 def test_prompting_benchmark_runs_at_smoke_size():
     out = bench("prompting", "--smoke")
     assert "| prefix reuse:" in out and "| JSON-schema output:" in out
+
+
+def test_recommend_benchmark_runs_at_smoke_size():
+    out = bench("recommend", "--smoke")
+    assert "| recommend scoring:" in out and "worker peak ratio" in out

@@ -84,6 +84,26 @@ def test_top_k_equals_a_brute_force_sort(tmp_path, integer_world, block_items):
         assert [r["rank"] for r in got[qid]] == list(range(1, 8))
 
 
+def test_wide_blocks_with_many_ties_equal_a_brute_force_sort(tmp_path):
+    """Blocks wide enough for the chunked search (chunk maxima first), over integer vectors
+    with few distinct values: ties at the k-th everywhere, inside and across chunks."""
+    rng = np.random.default_rng(3)
+    items = rng.integers(-1, 2, size=(6000, 4))
+    item_ids = [f"it{x:05d}" for x in rng.permutation(len(items))]
+    queries = rng.integers(-1, 2, size=(30, 4))
+    write_vectors(tmp_path / "cat" / "c.parquet", item_ids, items)
+    qids = [f"q{i:02d}" for i in range(len(queries))]
+    write_vectors(tmp_path / "q" / "q.parquet", qids, queries)
+    proc = run_recommend(tmp_path, tmp_path / "q", k=12, metric="dot", block_items=3230,
+                         catalogue=str(tmp_path / "cat"), catalogue_embedding_column="embedding",
+                         embedding_column="embedding")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = by_query(read_sorted(tmp_path / "out"))
+    want = brute_force(queries, items, item_ids, 12)
+    for a, qid in enumerate(qids):
+        assert [(r["item_id"], r["score"]) for r in got[qid]] == want[a], qid
+
+
 def test_exclusions_and_a_filter(tmp_path, integer_world):
     root, items, item_ids, queries, query_ids, seen, cats, want_cat = integer_world
     proc = run_recommend(tmp_path, root / "queries", k=5, metric="cosine", block_items=50,
