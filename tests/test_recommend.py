@@ -39,8 +39,11 @@ def by_query(table):
     return rows
 
 
-def run_recommend(tmp_path, queries, model=None, out="out", extra=(), **task):
-    (tmp_path / "job.toml").write_text(toml_text({"task": {"name": "recommend", **task}}))
+def run_recommend(tmp_path, queries, model=None, out="out", extra=(), executor="serial", **task):
+    """`fastserve infer --task recommend`; in this process (serial) unless told otherwise: the
+    Dask path is the same run_shard, tested with LocalCluster in the first test here."""
+    (tmp_path / "job.toml").write_text(toml_text({"task": {"name": "recommend", **task},
+                                                  "cluster": {"executor": executor}}))  # fmt: skip
     args = infer_args(model or "", tmp_path / out, queries, task="recommend",
                       extra=["--config", tmp_path / "job.toml", *extra])  # fmt: skip
     if model is None:
@@ -69,10 +72,11 @@ def integer_world(tmp_path_factory):
     return root, items, item_ids, queries, query_ids, seen, cats, want_cat
 
 
-@pytest.mark.parametrize("block_items", [16, 1000])
-def test_top_k_equals_a_brute_force_sort(tmp_path, integer_world, block_items):
+@pytest.mark.parametrize("block_items, executor", [(16, "local"), (1000, "serial")])
+def test_top_k_equals_a_brute_force_sort(tmp_path, integer_world, block_items, executor):
     root, items, item_ids, queries, query_ids, *_ = integer_world
     proc = run_recommend(tmp_path, root / "queries", k=7, metric="dot", block_items=block_items,
+                         executor=executor,
                          catalogue=str(root / "catalogue"), catalogue_embedding_column="embedding",
                          embedding_column="embedding")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -133,7 +137,7 @@ def encoder(tmp_path_factory):
 
 
 def embed_run(tmp_path, model, corpus, out):
-    proc = run_cli(*infer_args(model, out, corpus, task="embed"))
+    proc = run_cli(*infer_args(model, out, corpus, task="embed", extra=["--executor", "serial"]))
     assert proc.returncode == 0, proc.stderr
     t = read_sorted(out)
     return t.column("id").to_pylist(), np.array(t.column("embedding").to_pylist())

@@ -29,7 +29,8 @@ def write_pairs(folder, queries, passages, **more):
 def run_rerank(tmp_path, model, inputs, **task):
     (tmp_path / "job.toml").write_text(
         toml_text({"input": {"text_column": "query"},
-                   "task": {"name": "rerank", "text_pair_column": "passage", **task}})
+                   "task": {"name": "rerank", "text_pair_column": "passage", **task},
+                   "cluster": {"executor": "serial"}})
     )  # fmt: skip
     return run_cli(*infer_args(model, tmp_path / "out", inputs, task="rerank",
                                extra=["--config", tmp_path / "job.toml", "--batch-size", "5"]))  # fmt: skip
@@ -112,13 +113,14 @@ def test_rerank_a_recommend_runs_candidates(tmp_path, cross_encoder):
     qids = [f"q{i}" for i in range(6)]
     pq.write_table(pa.table({"id": qids, "text": queries}), tmp_path / "q" / "q.parquet")
     (tmp_path / "rec.toml").write_text(toml_text({"task": {
-        "name": "recommend", "k": 4, "catalogue": str(tmp_path / "items")}}))  # fmt: skip
+        "name": "recommend", "k": 4, "catalogue": str(tmp_path / "items")},
+        "cluster": {"executor": "serial"}}))  # fmt: skip
     proc = run_cli(*infer_args(encoder, tmp_path / "recs", tmp_path / "q", task="recommend",
                                extra=["--config", tmp_path / "rec.toml"]))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     (tmp_path / "job.toml").write_text(toml_text({"task": {
         "name": "rerank", "candidates": str(tmp_path / "recs"),
-        "catalogue": str(tmp_path / "items")}}))  # fmt: skip
+        "catalogue": str(tmp_path / "items")}, "cluster": {"executor": "serial"}}))  # fmt: skip
     proc = run_cli(*infer_args(cross_encoder, tmp_path / "out", tmp_path / "q", task="rerank",
                                extra=["--config", tmp_path / "job.toml"]))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
