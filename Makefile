@@ -23,9 +23,12 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two test processes: most tests wait on subprocesses; those marked `slurm` share one worker.
+TEST_WORKERS ?= 2
+
 test: lint  ## lint, then the whole test suite (installs Debian's Slurm for its tests where it can)
 	./slurm/install-deps.sh
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: install  ## benchmarks; figures go to bench/RESULTS.md
 	$(PY) -m bench.memory

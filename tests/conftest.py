@@ -100,3 +100,11 @@ def slurm_cluster(tmp_path_factory):
     finally:
         subprocess.run([str(script), "stop", str(folder)], capture_output=True, timeout=120)
         os.environ.pop("SLURM_CONF", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N` (`make test`), every test that talks to the local Slurm runs on one
+    worker: the daemons listen on fixed ports, so there is one test cluster per session."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
