@@ -51,6 +51,7 @@ def _overrides(**flags) -> dict:
         "threads_per_worker": ("cluster", "threads_per_worker"),
         "scheduler_address": ("cluster", "scheduler_address"),
         "host": ("cluster", "host"),
+        "interface": ("cluster", "interface"),
         "executor": ("cluster", "executor"),
     }
     out: dict = {}
@@ -111,6 +112,10 @@ def _overrides(**flags) -> dict:
 @click.option("--threads-per-worker", type=int, help="Torch threads per worker [cores / workers].")
 @click.option("--scheduler-address", help="Use a running Dask scheduler instead of starting one.")
 @click.option("--host", help="Interface a started scheduler listens on [127.0.0.1].")
+@click.option(
+    "--interface",
+    help="Across Slurm nodes: the network interface Dask uses (e.g. ib0) [the host name's address].",
+)
 @click.option(
     "--executor",
     type=click.Choice(EXECUTORS),

@@ -146,14 +146,23 @@ def train_tasks(cfg: SlurmConfig, world: int, where: str) -> SlurmConfig:
 def check_fits(cfg: SlurmConfig, node_cpus: list[int], where: str) -> None:
     """Refuse a job its partition can never run (it would stay pending for good): more tasks x
     CPUs per node than any node of the partition has (`node_cpus`, from sinfo), without
-    overcommit. Nothing known (no nodes listed): sbatch decides."""
-    if cfg.overcommit or not node_cpus:
+    overcommit; or more nodes than it has. Nothing known (no nodes listed): sbatch decides."""
+    if not node_cpus:
+        return
+    where_ = f"partition {cfg.partition}" if cfg.partition else "this cluster"
+    if cfg.nodes > len(node_cpus):
+        raise ConfigError(
+            f"{where}: slurm.nodes = {cfg.nodes}, but {where_} has {len(node_cpus)} node"
+            f"{'s' if len(node_cpus) != 1 else ''} (sinfo): the job would stay pending; ask for "
+            f"at most {len(node_cpus)}, or another slurm.partition"
+        )
+    if cfg.overcommit:
         return
     tasks, cpus = cfg.ntasks_per_node or INFER_TASKS, cfg.cpus_per_task or 1
     if tasks * cpus > max(node_cpus):
         raise ConfigError(
             f"{where}: {tasks} tasks x {cpus} CPUs per node, but the nodes of "
-            f"{'partition ' + cfg.partition if cfg.partition else 'this cluster'} have at most "
+            f"{where_} have at most "
             f"{max(node_cpus)} CPUs: the job would stay pending; use more nodes, fewer ranks, or "
             "slurm.overcommit = true"
         )

@@ -158,6 +158,9 @@ def node_cpus(partition: str | None = None) -> list[int]:
 
     if shutil.which("sinfo") is None:
         return []
-    args = ["sinfo", "-h", "-N", "-o", "%c"] + (["-p", partition] if partition else [])
+    args = ["sinfo", "-h", "-N", "-o", "%N %c"] + (["-p", partition] if partition else [])
     proc = run_slurm(args, check=False)
-    return [int(x) for x in proc.stdout.split() if x.isdigit()] if proc.returncode == 0 else []
+    if proc.returncode != 0:
+        return []
+    nodes = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
+    return [int(c) for c in nodes.values() if c.isdigit()]  # a node in two partitions, once

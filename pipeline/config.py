@@ -257,6 +257,10 @@ class ClusterConfig:
     """Use a running Dask scheduler (tcp://host:port) instead of starting a LocalCluster."""
     host: str = "127.0.0.1"
     """Interface a started scheduler listens on: loopback unless told otherwise."""
+    interface: str | None = None
+    """executor = 'slurm' over several nodes: the network interface Dask's scheduler and workers
+    listen on and advertise (e.g. ib0). Unset: the address each node's own host name resolves to
+    (what Slurm and MPI use), else the interface of the default route."""
     executor: str = "local"
     """local: a LocalCluster started here (or scheduler_address). slurm: Dask started inside a
     Slurm job step by dask-jobqueue's SLURMRunner (`srun -n N fastserve infer ...`; what

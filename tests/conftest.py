@@ -102,9 +102,83 @@ def slurm_cluster(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under `pytest -n N` (`make test`), every test that talks to the local Slurm runs on one
-    worker: the daemons listen on fixed ports, so there is one test cluster per session."""
+    worker: the daemons listen on fixed ports, so there is one test cluster per session. The
+    multi-node tests share their own cluster, on another worker."""
     for item in items:
-        if item.get_closest_marker("slurm"):
+        if item.get_closest_marker("multinode"):
+            item.add_marker(pytest.mark.xdist_group("multinode"))
+        elif item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
+LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "slurm" / "local-cluster.sh"
+
+
+def namespaces_refused() -> str | None:
+    """Why this machine cannot make the nodes of a multi-node test cluster, or None if it can."""
+    import shutil
+
+    missing = [
+        b
+        for b in ("munged", "slurmctld", "slurmd", "ip", "nsenter", "unshare")
+        if not shutil.which(b)
+    ]
+    if missing:
+        return f"{', '.join(missing)} missing: apt-get install slurmctld slurmd slurm-client munge iproute2 util-linux"
+    if os.geteuid() != 0:
+        return "multi-node test clusters need root (network namespaces, a bridge)"
+    probe = f"fsprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    if made.returncode != 0:
+        return f"the kernel refuses network namespaces: {made.stderr.strip()}"
+    return None
+
+
+def cluster_leftovers(folder: Path) -> list[str]:
+    """What a stopped test cluster in `folder` left behind: namespaces, links, processes."""
+    tag = __import__("hashlib").md5(str(folder).encode()).hexdigest()[:5]
+    left = [
+        line.split()[0]
+        for cmd in (["ip", "netns", "list"], ["ip", "-o", "link", "show"])
+        for line in subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()
+        if f"fs{tag}" in line
+    ]
+    marker = f"FASTSERVE_LOCAL_SLURM={folder}".encode()
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            stat = (env.parent / "stat").read_text().split()[2]
+            if stat not in "ZX" and marker in env.read_bytes().split(b"\0"):
+                left.append(f"pid {env.parent.name}")
+        except OSError:
+            continue
+    return left
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(tmp_path_factory):
+    """A real 3-node Slurm for this test session: each node a network + UTS + mount namespace on a
+    bridge with its own slurmd (slurm/local-cluster.sh start DIR --nodes 3). Yields the folder;
+    its slurm.conf is passed to each command (SLURM_CONF), the single-node cluster may run too."""
+    why = namespaces_refused()
+    if why:
+        pytest.skip(f"MULTI-NODE TESTS NOT RUN: {why}")
+    folder = tmp_path_factory.mktemp("multinode")
+    proc = subprocess.run(
+        [str(LOCAL_CLUSTER), "start", str(folder), "--nodes", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode != 0:
+        subprocess.run([str(LOCAL_CLUSTER), "stop", str(folder)], capture_output=True, timeout=120)
+        raise RuntimeError(f"local 3-node Slurm did not start:\n{proc.stdout}\n{proc.stderr}")
+    try:
+        yield folder
+    finally:
+        subprocess.run([str(LOCAL_CLUSTER), "stop", str(folder)], capture_output=True, timeout=120)
+        left = cluster_leftovers(folder)
+        assert not left, f"the 3-node test cluster left behind: {left}"

@@ -117,6 +117,13 @@ def test_a_job_no_node_can_hold_is_refused_and_overcommit_lets_it_through():
     check_fits(four, [], "j")  # nothing known (no sinfo): sbatch decides
 
 
+def test_more_nodes_than_the_partition_has_is_refused_even_overcommitted():
+    three = SlurmConfig(nodes=3, overcommit=True, partition="debug")
+    check_fits(three, [2, 2, 2], "job.toml")
+    with pytest.raises(ConfigError, match=r"job.toml: slurm.nodes = 3, but partition debug has 2"):
+        check_fits(three, [2, 2], "job.toml")
+
+
 def test_one_template_serves_both_kinds_and_differs_only_where_they_do():
     infer = render("infer", SlurmConfig(ntasks_per_node=2), "/j.toml").splitlines()
     train = render("train", SlurmConfig(ntasks_per_node=2), "/j.toml").splitlines()

@@ -359,3 +359,15 @@ def test_classifier_pipeline_equals_single_learns_and_serves_sentiment(workdir):
         )
     )
     assert hits / len(rows) > 0.9
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    from fastserve.pipeline.training.trainer import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    steps = [1, 2, 3, 4, 5]  # checkpoint at 3; steps 4-5 done, then the node was lost
+    path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in steps) + '{"st')
+    trim_metrics(path, 3)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    trim_metrics(path, 0)  # no checkpoint: the rerun starts over
+    assert path.read_text() == ""

@@ -67,9 +67,7 @@ def start_slurm_roles(cfg: ClusterConfig) -> None:
     # The scheduler and workers must outlive it to finish in-flight shards.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    # One node: everything on loopback. Several: the nodes' own addresses.
-    single = env.nnodes == 1 and cfg.host.startswith("127.")
-    where = {"host": cfg.host} if single else {}
+    where = listen_on(cfg, env)
     threads = cfg.threads_per_worker or env.cpus_per_task
     if threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -102,6 +100,32 @@ def start_slurm_roles(cfg: ClusterConfig) -> None:
     except KeyboardInterrupt:  # how the runner ends a scheduler or worker that is done
         pass
     sys.exit(0)
+
+
+def listen_on(cfg: ClusterConfig, env: SlurmEnv) -> dict:
+    """Where this node's scheduler or worker listens, as Dask options, decided on each node: one
+    node, loopback (cluster.host); several, cluster.interface if given, else the address this
+    node's host name resolves to (what Slurm and MPI ranks use too), else Dask's own choice (the
+    default route's interface). Never loopback across nodes: the other nodes could not reach it."""
+    if env.nnodes <= 1 and cfg.host.startswith("127."):
+        return {"host": cfg.host}
+    if cfg.interface:
+        return {"interface": cfg.interface}
+    address = node_address()
+    return {"host": address} if address else {}
+
+
+def node_address() -> str | None:
+    """The IPv4 address this machine's host name resolves to, unless that is loopback (Debian's
+    127.0.1.1 line) or it does not resolve."""
+    import ipaddress
+    import socket
+
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+    return None if ipaddress.ip_address(address).is_loopback else address
 
 
 @contextmanager

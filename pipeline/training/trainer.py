@@ -349,6 +349,8 @@ class Trainer:
         self.install_signal_handlers()
         start = self.resume()
         metrics_path = self.run / "metrics.jsonl"
+        if self.env.rank == 0:
+            trim_metrics(metrics_path, start)
         tokens_per_step = t.batch_size * job.data.seq_len
         fpt = flops_per_token(self.full, job.model, job.data.seq_len)
         peak = t.peak_tflops * 1e12 if t.peak_tflops > 0 else measured_peak_flops(self.env.device)
@@ -455,3 +457,23 @@ class Trainer:
             {"pad": "<pad>", "eos": "<|endoftext|>", "bos": "<|endoftext|>"},
             extra={"trained_with": asdict(self.job.parallel), "steps": self.job.train.steps},
         )
+
+
+def trim_metrics(path: Path, start: int) -> None:
+    """Before a run goes on from the checkpoint of step `start`, forget the steps after it that an
+    interrupted run had logged (a node lost after step 75, the last checkpoint at 70: steps 71-75
+    are done again and must be logged once). Atomic: a kill leaves the old file or the new one."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= start:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    if kept != lines:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
