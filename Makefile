@@ -23,12 +23,13 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Two test processes: most tests wait on subprocesses; those marked `slurm` share one worker.
+# Two test processes: most tests wait on subprocesses. Whole files go to a worker, so each Slurm
+# test cluster (test_slurm.py, test_multinode.py) lives on one.
 TEST_WORKERS ?= 2
 
 test: lint  ## lint, then the whole test suite (installs Debian's Slurm for its tests where it can)
 	./slurm/install-deps.sh
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install  ## benchmarks; figures go to bench/RESULTS.md
 	$(PY) -m bench.memory

@@ -526,6 +526,11 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
         f"cluster.executor is {cfg.cluster.executor!r}; expected one of {', '.join(EXECUTORS)}",
     )
     need(
+        not cfg.cluster.scheduler_address or cfg.cluster.executor == "local",
+        f"cluster.scheduler_address is for executor = 'local' (a running Dask scheduler); "
+        f"executor {cfg.cluster.executor!r} would not use it: drop one of the two",
+    )
+    need(
         cfg.output.format != "batch-jsonl" or cfg.task.name == "generate",
         "output.format = batch-jsonl writes chat completions: it is for task generate",
     )

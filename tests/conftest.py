@@ -102,16 +102,11 @@ def slurm_cluster(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n N` (`make test`), every test that talks to the local Slurm runs on one
-    worker: the daemons listen on fixed ports, so there is one test cluster per session. The
-    multi-node tests share their own cluster, on another worker."""
-    for item in items:
-        if item.get_closest_marker("multinode"):
-            item.add_marker(pytest.mark.xdist_group("multinode"))
-        elif item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+# Under `pytest -n N` (`make test`) tests are handed out file by file (--dist loadfile): every
+# test that talks to the single-node Slurm is in test_slurm.py, every multi-node one in
+# test_multinode.py, so each test cluster runs on one worker (the single-node daemons listen on
+# fixed ports). (--dist loadgroup with xdist_group marks would be finer, but pytest 9.2 broke
+# it: pytest-xdist#1386.)
 
 
 LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "slurm" / "local-cluster.sh"

@@ -19,8 +19,11 @@ from fastserve.pipeline.testing.models import build_classifier
 from conftest import read_sorted, run_cli, start_cli, wait_for
 
 
-def infer(model, out, *inputs, extra=(), **kw):
-    return run_cli(*infer_args(model, out, *inputs, extra=extra), **kw)
+def infer(model, out, *inputs, extra=(), dask=False, **kw):
+    """`fastserve infer`: in its own process (--executor serial: the same run_shard, no cluster
+    start per command), as these tests are about the run folder; `dask`: on a LocalCluster."""
+    serial = () if dask else ("--executor", "serial")
+    return run_cli(*infer_args(model, out, *inputs, extra=(*serial, *extra)), **kw)
 
 
 def write(path, ids, texts, **kw):
@@ -368,7 +371,11 @@ def test_run_folder_trouble_is_one_clear_message(tmp_path, classifier):
     (tmp_path / "file").write_text("")
     proc = infer(classifier, tmp_path / "file", c)
     assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr
-    proc = infer(classifier, tmp_path / "o", c, extra=["--scheduler-address", "localhost:nope"])
+    proc = infer(classifier, tmp_path / "o", c, extra=["--scheduler-address", "tcp://x:1"])
+    assert proc.returncode == 2 and "executor 'serial' would not use it" in proc.stderr
+    proc = infer(
+        classifier, tmp_path / "o", c, extra=["--scheduler-address", "localhost:nope"], dask=True
+    )
     assert proc.returncode == 2 and "cannot reach the Dask scheduler" in proc.stderr
     out = tmp_path / "out"
     infer(classifier, out, c, check=True)
@@ -502,7 +509,7 @@ def test_a_model_that_cannot_load_ends_the_run_at_once_with_one_message(tmp_path
     weights = model / "model.safetensors"
     write_corpus(tmp_path / "c", n_files=3, rows=5)
     args = ["--shard-rows", "5"]
-    proc = infer(model, tmp_path / "out", tmp_path / "c", extra=args)
+    proc = infer(model, tmp_path / "out", tmp_path / "c", extra=args, dask=True)  # in a worker
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cannot load the checkpoint" in proc.stderr and "input file" not in proc.stderr
     (model / "config.json").write_text(json.dumps(cfg))
