@@ -5,7 +5,9 @@ fastserve status out/
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import click
 
@@ -24,8 +26,13 @@ def status(output: str) -> None:
     """Summarise a run folder: shards done, rows in/out/rejected, failures, fingerprint."""
     run = RunDir.at(output)
     info = run.read_run()
+    if info is None and training_run(Path(output)):
+        return training_status(Path(output))
     if info is None:
-        raise UserError(f"{output} is not a FastServe run folder (no _manifest/run.json)")
+        raise UserError(
+            f"{output} is not a FastServe run folder (no _manifest/run.json of an inference run, "
+            "no metrics.jsonl or checkpoints/ of a training run)"
+        )
     fp = info["fingerprint"]
     ledger = read_ledger(run.plan_dir)
     records = complete_records(run, fp["sha"])
@@ -73,5 +80,58 @@ def status(output: str) -> None:
     if ledger.retracted:
         click.echo(f"withdrawn    {len(ledger.retracted)} shard(s) (changed files, re-planned)")
     jobs = [r["slurm_job_id"] for r in runs if r.get("slurm_job_id")]
+    for job_id in dict.fromkeys(jobs):
+        click.echo(f"slurm job   {job_id}: {job_state(job_id)}")
+
+
+def training_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("metrics.jsonl", "checkpoints", "runs.jsonl"))
+
+
+def _lines(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a kill
+    return out
+
+
+def training_status(folder: Path) -> None:
+    """A training run folder: steps done, the last losses, checkpoints, export, Slurm jobs."""
+    from fastserve.pipeline.training.checkpoints import latest_complete
+
+    metrics, starts = _lines(folder / "metrics.jsonl"), _lines(folder / "runs.jsonl")
+    target = starts[-1]["steps"] if starts else None
+    done = metrics[-1]["step"] if metrics else 0
+    last = latest_complete(folder)
+    exported = (folder / "export" / "fastserve.json").exists()
+    click.echo(f"run folder   {folder} (training)")
+    if starts:
+        layout = starts[-1].get("layout") or {}
+        click.echo(
+            f"layout       dp {layout.get('dp', 1)} x tp {layout.get('tp', 1)} x pp "
+            f"{layout.get('pp', 1)} ({starts[-1]['world_size']} ranks)"
+        )
+    click.echo(f"steps        {done}" + (f" of {target}" if target else "") + " done")
+    if metrics:
+        m = metrics[-1]
+        line = f"last loss    {m['loss']:.4f} at step {m['step']}"
+        evals = [x for x in metrics if "val_loss" in x]
+        if evals:
+            line += f"; validation {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}"
+        click.echo(line)
+    kept = sorted(p.parent.name for p in (folder / "checkpoints").glob("step-*/COMPLETE"))
+    click.echo("checkpoints  " + (", ".join(kept) + " (complete)" if kept else "none"))
+    if exported and (target is None or done >= target):
+        state = f"complete: exported to {folder / 'export'}"
+    elif starts and not exported:
+        resume = f"from {last.name}" if last else "from the start (no complete checkpoint)"
+        state = f"incomplete (or running): the same command resumes {resume}"
+    else:
+        state = "incomplete"
+    click.echo(f"state        {state}")
+    jobs = [s["slurm_job_id"] for s in starts if s.get("slurm_job_id")]
     for job_id in dict.fromkeys(jobs):
         click.echo(f"slurm job   {job_id}: {job_state(job_id)}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from fastserve.pipeline.errors import UserError
 from fastserve.pipeline.training.config import load_train_job
 
 from .sbatch import LAUNCH_TABLES
@@ -38,12 +39,35 @@ def plan_text(job) -> str:
     from fastserve.pipeline.training.model_factory import build_model
 
     p, m = job.parallel, job.model
-    model = build_model(m, job.data.vocab_size, job.train.seed)
+    if m.init_from:  # sizes from the folder; the model on the meta device (nothing allocated)
+        from dataclasses import replace
+
+        from fastserve.pipeline.models.hf_format import build_from_hf
+
+        arch, cfg, model = build_from_hf(m.init_from)
+        m = replace(m, arch=arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    else:
+        model = build_model(m, job.data.vocab_size, job.train.seed)
     n_stages = p.pp * p.stages_per_rank
     stages = stage_layers(m.n_layer, n_stages)
+    from fastserve.pipeline.training.checkpoints import latest_complete
+    from fastserve.pipeline.training.data import check_corpus
+
+    d = job.data
+    label = d.label_column if m.arch == "classifier" else None
+    corpus = check_corpus(d.paths, d.text_column, label)  # footers only: no rows read
+    out = Path(job.output.path)
+    last = latest_complete(out) if out.is_dir() else None
     lines = [
+        f"corpus: {corpus['files']} files, {corpus['rows']} rows (text column {d.text_column!r}"
+        + (f", labels {label!r}" if label else "")
+        + ")",
+        f"run folder: {out} ("
+        + (f"resumes from {last.name}" if last else "exists" if out.is_dir() else "new")
+        + ")",
         f"world size {p.dp * p.tp * p.pp} = dp {p.dp} x tp {p.tp} x pp {p.pp}  (launch: mpiexec -n {p.dp * p.tp * p.pp})",
-        f"model {m.arch}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters",
+        f"model {m.arch}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters"
+        + (f" (from {m.init_from})" if m.init_from else ""),
     ]
     per_layer = {
         i: sum(q.numel() for q in model.layers[str(i)].parameters()) for i in range(m.n_layer)
@@ -101,15 +125,24 @@ def train(config_file, data, output, steps, dry_run) -> None:
     from fastserve.pipeline.training.trainer import Trainer
 
     env = bootstrap(timeout_s=job.parallel.timeout_s)
-    trainer = Trainer(job, env)
-    code = trainer.fit(log=lambda s: click.echo(s, err=True))
-    if code == 0:
-        out = trainer.export(Path(job.output.path) / "export")
-        if out is not None:
-            task = "sentiment" if job.model.arch == "classifier" else "generate"
-            click.echo(
-                f"exported {out} (serve it: fastserve infer --task {task} --model {out} ...)",
-                err=True,
-            )
+    try:
+        trainer = Trainer(job, env)
+        code = trainer.fit(log=lambda s: click.echo(s, err=True))
+        if code == 0:
+            out = trainer.export(Path(job.output.path) / "export")
+            if out is not None:
+                task = "sentiment" if job.model.arch == "classifier" else "generate"
+                click.echo(
+                    f"exported {out} (serve it: fastserve infer --task {task} --model {out} ...)",
+                    err=True,
+                )
+    except UserError as e:
+        if env.world_size == 1:
+            raise
+        # one rank's mistake ends every rank now (the others may be waiting on it in a
+        # collective): this rank says why, then MPI ends the job with its exit code
+        click.secho(f"error: {e}", err=True, fg="red")
+        sys.stderr.flush()
+        env.comm.Abort(e.exit_code)
     shutdown(env)
     sys.exit(code)

@@ -5,6 +5,7 @@ Every parallel layout must give the losses of single-process training, step by s
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,8 +67,12 @@ def job(tmp, name, **changes) -> Path:
     return p
 
 
-def train(config: Path, n: int = 1, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fastserve.jobs", "train", "--config", str(config)]
+def train(
+    config: Path, n: int = 1, timeout: float = 240, env=None, fault: str = ""
+) -> subprocess.CompletedProcess:
+    """`fastserve train` on `n` ranks; `fault`: RANK:STEP:KIND (fastserve.pipeline.testing.faults)."""
+    main = ["fastserve.pipeline.testing.faults", fault] if fault else ["fastserve.jobs"]
+    cmd = [sys.executable, "-m", *main, "train", "--config", str(config)]
     if n > 1:
         cmd = [str(MPIEXEC), "-n", str(n), *cmd]
     return subprocess.run(
@@ -182,7 +187,7 @@ def test_a_failing_rank_ends_the_job_quickly_with_its_traceback(workdir, kind):
         ),
         n=2,
         timeout=120,
-        env={"FASTSERVE_INJECT_FAULT": f"1:3:{kind}"},
+        fault=f"1:3:{kind}",
     )
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
@@ -277,7 +282,8 @@ from fastserve.pipeline.distributed.api import DistributedModel
 from fastserve.pipeline.models.gpt import GPT, GPTConfig
 import torch
 torch.manual_seed(0)
-dm = DistributedModel(GPT(GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=32)), strategy=sys.argv[1])
+# bias=False: what the job's [model] table cannot say; the export must follow the model
+dm = DistributedModel(GPT(GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=32, bias=False)), strategy=sys.argv[1])
 hist = dm.fit("corpus", steps=4, batch_size=8, seq_len=32, output=sys.argv[2], lr=3e-3, warmup_steps=1, eval_every=0)
 text = dm.predict(["the movie was", "bad"], max_new_tokens=5)
 if dm.env.rank == 0:
@@ -371,3 +377,66 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
     trim_metrics(path, 0)  # no checkpoint: the rerun starts over
     assert path.read_text() == ""
+
+
+@pytest.mark.mpi
+def test_every_rank_killed_while_a_checkpoint_is_written_resumes_from_the_one_before(workdir):
+    more = {"train": {**BASE["train"], "steps": 12}, "checkpoint": {"every": 4}}
+    full = train(job(workdir, "ckpt-ref", parallel={"pp": 2}, **more), n=2)
+    assert full.returncode == 0, full.stderr[-2000:]
+    cfg = job(workdir, "ckpt-kill", parallel={"pp": 2}, **more)
+    killed = train(cfg, n=2, fault="0:8:kill-in-save")
+    assert killed.returncode != 0
+    run = workdir / "ckpt-kill"
+    assert (run / "checkpoints" / "step-000004" / "COMPLETE").exists()
+    assert not (run / "checkpoints" / "step-000008" / "COMPLETE").exists()  # cut short
+    resumed = train(cfg, n=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "steps 4 -> 12 (resumed)" in resumed.stderr
+    assert losses(run) == pytest.approx(losses(workdir / "ckpt-ref"), abs=1e-5)
+    status = run_cli("status", run, check=True).stdout
+    assert "steps        12 of 12 done" in status and "step-000012" in status
+    assert "complete: exported" in status
+
+
+@pytest.mark.mpi
+def test_a_data_error_on_rank_0_ends_every_rank_with_one_message(workdir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (workdir / "ints").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), workdir / "ints" / "x.parquet")
+    cfg = job(workdir, "ints-run", data={**BASE["data"], "paths": ["ints"]}, parallel={"pp": 2})
+    t0 = time.monotonic()
+    proc = train(cfg, n=2, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60  # not held until a time limit
+    assert proc.stderr.count("column 'text' is int64; expected a string column") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    dry = run_cli("train", "--config", cfg, "--dry-run", cwd=workdir)  # said before any rank starts
+    assert dry.returncode == 2 and "column 'text' is int64" in dry.stderr, dry.stderr
+
+
+def test_user_mistakes_in_a_training_job_are_one_line(workdir):
+    (workdir / "a-file").write_text("x")
+    cfg = job(workdir, "a-file")
+    proc = run_cli("train", "--config", cfg, cwd=workdir)
+    assert proc.returncode == 2 and "a-file' is a file; expected a run folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    dry = run_cli("train", "--config", job(workdir, "fresh"), "--dry-run", cwd=workdir, check=True)
+    assert "corpus: 2 files, 600 rows (text column 'text')" in dry.stdout
+    assert "fresh (new)" in dry.stdout
+
+
+@pytest.mark.mpi
+def test_the_token_cache_follows_its_corpus(workdir):
+    cfg = job(workdir, "cache", train={**BASE["train"], "steps": 2})
+    assert train(cfg).returncode == 0
+    other = job(workdir, "cache", data={**BASE["data"], "vocab_size": 400})
+    proc = train(other)  # checkpoints of the old vocabulary: refused, not silently mixed
+    assert proc.returncode == 2, proc.stderr
+    assert "vocab_size changed since" in proc.stderr and "Traceback" not in proc.stderr
+    shutil.rmtree(workdir / "cache" / "checkpoints")
+    proc = train(other)  # nothing trained on it yet: rebuilt, with a word about it
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "changed since the token cache was made: rebuilding it" in proc.stderr
+    assert json.loads((workdir / "cache" / "data" / "source.json").read_text())["vocab_size"] == 400

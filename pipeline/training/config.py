@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import registry
 from ..config import load_config
@@ -19,14 +20,24 @@ from ..errors import ConfigError
 ARCHS = tuple(registry.ARCHS)
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 DP_MODES = ("fsdp", "ddp")
-PATH_KEYS = (("data", "paths"), ("data", "tokenizer"), ("output", "path"))
+PATH_KEYS = (
+    ("data", "paths"),
+    ("data", "tokenizer"),
+    ("output", "path"),
+    ("model", "init_from"),
+)
 
 
 @dataclass(frozen=True)
 class TrainModelConfig:
     arch: str = "gpt"
-    """gpt (a decoder LM), lstm (embedding -> LSTM layers -> softmax over the vocabulary), or
-    classifier (a bidirectional encoder over data.label_column's labels, for infer's sentiment)."""
+    """gpt (a decoder LM), llama (a Llama-family decoder), lstm (embedding -> LSTM layers ->
+    softmax over the vocabulary), or classifier (a bidirectional encoder over data.label_column's
+    labels, for infer's sentiment). With init_from: taken from the folder."""
+    init_from: str | None = None
+    """A Hugging Face folder (GPT-2 or Llama family: llama, mistral, qwen2) to fine-tune: the
+    architecture, sizes, weights and tokenizer all come from it (the keys below are then not
+    used), and export/ is a Hugging Face folder again."""
     n_layer: int = 4
     """Transformer blocks (gpt) or LSTM layers (lstm)."""
     n_head: int = 4
@@ -126,6 +137,11 @@ def check(cfg: TrainJob, where: str) -> None:
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
     need(bool(d.paths), "no corpus: give data.paths (or --data PATH)")
     need(bool(cfg.output.path), "no run folder: give output.path (or --output DIR)")
+    need(
+        not Path(cfg.output.path).exists() or Path(cfg.output.path).is_dir(),
+        f"output.path = {cfg.output.path!r} is a file; expected a run folder (a directory, new "
+        "or one an earlier run made): give another path",
+    )
     need(m.arch in ARCHS, f"model.arch is {m.arch!r}; expected one of {', '.join(ARCHS)}")
     need(m.n_layer >= 1 and m.n_embd >= 1, "model.n_layer and model.n_embd must be >= 1")
     attention = m.arch in registry.ARCHS and registry.ARCHS[m.arch].attention
@@ -134,7 +150,7 @@ def check(cfg: TrainJob, where: str) -> None:
         f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})",
     )
     need(
-        d.seq_len <= m.block_size,
+        d.seq_len <= m.block_size or bool(m.init_from),  # else checked against the folder's
         f"data.seq_len ({d.seq_len}) must be <= model.block_size ({m.block_size})",
     )
     need(

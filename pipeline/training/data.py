@@ -20,6 +20,39 @@ from ..plan import is_string_type
 SPECIALS = ["<pad>", "<|endoftext|>"]
 
 
+def check_corpus(paths, text_column: str, label_column: str | None = None) -> dict:
+    """What the corpus holds, read from the files' footers only (no rows): every file readable
+    Parquet with a string `text_column` (and `label_column`); an InputError naming the file
+    otherwise. Returns files, rows and the files' identity (paths, sizes, modification times):
+    what the token cache is built from."""
+    files = resolve_inputs(paths)
+    if not files:
+        raise InputError(f"data.paths {list(paths)} match no Parquet file")
+    rows, identity = 0, []
+    for path in files.values():
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise InputError(f"training corpus file {path} is not readable Parquet ({e})") from None
+        schema = meta.schema.to_arrow_schema()
+        if text_column not in schema.names or not is_string_type(schema.field(text_column).type):
+            found = schema.field(text_column).type if text_column in schema.names else "absent"
+            raise InputError(
+                f"training corpus file {path}: column {text_column!r} is {found}; expected a "
+                f"string column of texts (set data.text_column; columns: {', '.join(schema.names)})"
+            )
+        if label_column and label_column not in schema.names:
+            raise InputError(
+                f"training corpus file {path} has no label column {label_column!r}; set data.label_column"
+            )
+        rows += meta.num_rows
+        st = Path(path).stat()
+        identity.append([str(path), st.st_size, st.st_mtime_ns])
+    if rows == 0:
+        raise InputError(f"the training corpus {list(paths)} holds no rows")
+    return {"files": len(files), "rows": rows, "identity": identity}
+
+
 def read_labeled(paths, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     """(texts, labels as strings) of the rows with a non-empty text and a label."""
     texts, labels = [], []
@@ -76,15 +109,17 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> Path:
     return out
 
 
-def tokenize(texts: list[str], tokenizer_json: Path) -> tuple[np.ndarray, int, int]:
+def tokenize(
+    texts: list[str], tokenizer_json: Path, eos_token: str = "<|endoftext|>"
+) -> tuple[np.ndarray, int, int]:
     """(all tokens, eos between documents, as uint32), eos id, vocabulary size."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
-    eos = tok.token_to_id("<|endoftext|>")
+    eos = tok.token_to_id(eos_token)
     if eos is None:
         raise InputError(
-            f"tokenizer {tokenizer_json} has no <|endoftext|> token; FastServe packs documents with it"
+            f"tokenizer {tokenizer_json} has no {eos_token} token; FastServe packs documents with it"
         )
     ids: list[int] = []
     for enc in tok.encode_batch(texts):

@@ -16,8 +16,9 @@ import json
 import math
 import os
 import signal
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -34,11 +35,13 @@ from ..distributed.parallelize import (
     split_stage,
     stage_layers,
 )
+from ..errors import ConfigError
 from . import checkpoints as ckpt
 from .config import TrainJob
 from .data import (
     LabeledData,
     PackedData,
+    check_corpus,
     encode_fixed,
     read_labeled,
     read_texts,
@@ -46,6 +49,11 @@ from .data import (
     train_tokenizer,
 )
 from .model_factory import build_model, flops_per_token
+
+# Extension points for tests (fastserve.pipeline.testing.faults): callables (trainer, step) run
+# at the start of each step, and after this rank wrote its share of a checkpoint (before the
+# checkpoint is marked complete). Empty in production.
+HOOKS: dict[str, list] = {"step": [], "saved_shard": []}
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": the job script requeues on it
 
@@ -82,6 +90,30 @@ class Trainer:
         """`model`: an already built GPT or LSTMLM to train (its config must match job.model);
         by default the model is built from job.model and the seed."""
         self.job, self.env, self.given = job, env, model
+        self.init_from = job.model.init_from
+        self.hf_cfg = None
+        if self.init_from:
+            from ..models.hf_format import config_from_hf
+
+            self.arch, self.hf_cfg = config_from_hf(self.init_from)
+            c = self.hf_cfg  # the [model] table's sizes, as the folder says them
+            self.job = job = replace(job, model=replace(
+                job.model, arch=self.arch, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                block_size=c.block_size))  # fmt: skip
+            tp = job.parallel.tp
+            for what, n in (
+                ("attention heads", c.n_head),
+                ("key/value heads", getattr(c, "n_kv_head", c.n_head)),
+            ):
+                if n % tp:
+                    raise ConfigError(
+                        f"{self.init_from} has {n} {what}: parallel.tp = {tp} must divide them"
+                    )
+            if job.data.seq_len > self.hf_cfg.block_size:
+                raise ConfigError(
+                    f"data.seq_len ({job.data.seq_len}) is longer than {self.init_from} serves "
+                    f"({self.hf_cfg.block_size} positions)"
+                )
         p = job.parallel
         self.dims = ParallelDims(p.dp, p.tp, p.pp)
         self.dims.validate(env.world_size)
@@ -101,37 +133,26 @@ class Trainer:
         tokens_file = run / "data" / "tokens.npy"
         labels_file = run / "data" / "labels.json"
         classifier = self.job.model.arch == "classifier"
-        if self.env.rank == 0 and not tokens_file.exists():
-            if classifier:
-                texts, labels = read_labeled(d.paths, d.text_column, d.label_column)
-            else:
-                texts = read_texts(d.paths, d.text_column)
-            if d.tokenizer:
-                tok_json.parent.mkdir(parents=True, exist_ok=True)
-                tok_json.write_text(Path(d.tokenizer).read_text())
-            elif not tok_json.exists():
-                train_tokenizer(texts, d.vocab_size, tok_json)
-            tokens_file.parent.mkdir(parents=True, exist_ok=True)
-            if classifier:  # fixed-length rows of ids, and label ids by sorted label name
-                names = sorted(set(labels))
-                labels_file.write_text(json.dumps(names))
-                index = {n: i for i, n in enumerate(names)}
-                np.save(
-                    run / "data" / "label_ids.npy",
-                    np.array([index[x] for x in labels], dtype=np.int64),
-                )
-                tokens = encode_fixed(texts, tok_json, d.seq_len)
-            else:
-                tokens, _, _ = tokenize(texts, tok_json)
-            np.save(tokens_file.with_suffix(".tmp.npy"), tokens, allow_pickle=False)
-            os.replace(tokens_file.with_suffix(".tmp.npy"), tokens_file)
-        self.env.comm.Barrier()
+        failure = None
+        if self.env.rank == 0:
+            try:
+                self._build_token_cache(tok_json, tokens_file, labels_file, classifier)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it (below)
+                failure = e
+        # Rank 0's failure (an empty corpus, a text column of integers) ends every rank: the
+        # others would otherwise wait here for good, holding the allocation. Rank 0 says why, once.
+        code = self.env.comm.bcast(
+            None if failure is None else getattr(failure, "exit_code", 1), root=0
+        )
+        if failure is not None:
+            raise failure
+        if code is not None:
+            raise SystemExit(code)
         from tokenizers import Tokenizer
 
         self.tokenizer_json = tok_json
         tok = Tokenizer.from_file(str(tok_json))
-        self.vocab_size = tok.get_vocab_size()
-        self.eos = tok.token_to_id("<|endoftext|>")
+        self.vocab_size = self.hf_cfg.vocab_size if self.hf_cfg else tok.get_vocab_size()
         tokens = np.load(tokens_file, allow_pickle=False)
         self.labels = json.loads(labels_file.read_text()) if classifier else None
         if classifier:
@@ -142,14 +163,93 @@ class Trainer:
 
     # -- model, parallelism, optimizer ----------------------------------------------------------
 
+    def _build_token_cache(self, tok_json, tokens_file, labels_file, classifier) -> None:
+        """Rank 0: tokenize the corpus once into data/tokens.npy, tied to what made it
+        (data/source.json: the corpus files' paths, sizes and times, columns, vocabulary)."""
+        import numpy as np
+
+        d, run = self.job.data, self.run
+        # the tokenizer: the folder fine-tuned from, one given, or one trained on the corpus
+        tokenizer = str(Path(self.init_from) / "tokenizer.json") if self.init_from else d.tokenizer
+        eos = "<|endoftext|>"
+        if self.init_from:
+            from ..models.hf_format import eos_token
+
+            eos = eos_token(self.init_from)
+        corpus = check_corpus(d.paths, d.text_column, d.label_column if classifier else None)
+        source = {
+            "corpus": corpus["identity"],
+            "text_column": d.text_column,
+            "label_column": d.label_column if classifier else None,
+            "tokenizer": tokenizer and str(Path(tokenizer).resolve()),
+            "vocab_size": None if tokenizer else d.vocab_size,
+            "seq_len": d.seq_len if classifier else None,
+        }
+        source_file = run / "data" / "source.json"
+        if tokens_file.exists():
+            if not source_file.exists():  # made before FastServe recorded it: taken as it is
+                source_file.write_text(json.dumps(source))
+                return
+            made = json.loads(source_file.read_text())
+            if made == source:
+                return
+            changed = ", ".join(k for k in source if made.get(k) != source[k])
+            if ckpt.latest_complete(run) is not None:
+                raise ConfigError(
+                    f"{run}: its checkpoints were trained on other data ({changed} changed since); "
+                    "a run folder trains on one corpus: give a new output.path, or remove "
+                    f"{run / 'checkpoints'} to start over"
+                )
+            print(f"{run}: {changed} changed since the token cache was made: rebuilding it",
+                  file=sys.stderr)  # fmt: skip
+            tokens_file.unlink()
+            if not tokenizer:
+                tok_json.unlink(missing_ok=True)  # trained on the old corpus
+        if classifier:
+            texts, labels = read_labeled(d.paths, d.text_column, d.label_column)
+        else:
+            texts = read_texts(d.paths, d.text_column)
+        if tokenizer:
+            tok_json.parent.mkdir(parents=True, exist_ok=True)
+            tok_json.write_text(Path(tokenizer).read_text())
+        elif not tok_json.exists():
+            train_tokenizer(texts, d.vocab_size, tok_json)
+        tokens_file.parent.mkdir(parents=True, exist_ok=True)
+        if classifier:  # fixed-length rows of ids, and label ids by sorted label name
+            names = sorted(set(labels))
+            labels_file.write_text(json.dumps(names))
+            index = {n: i for i, n in enumerate(names)}
+            np.save(
+                run / "data" / "label_ids.npy",
+                np.array([index[x] for x in labels], dtype=np.int64),
+            )
+            tokens = encode_fixed(texts, tok_json, d.seq_len)
+        else:
+            tokens, _, _ = tokenize(texts, tok_json, eos)
+        np.save(tokens_file.with_suffix(".tmp.npy"), tokens, allow_pickle=False)
+        os.replace(tokens_file.with_suffix(".tmp.npy"), tokens_file)
+        source_file.write_text(json.dumps(source))
+
     def _build(self) -> None:
         job, env, dims = self.job, self.env, self.dims
         p = job.parallel
-        self.full = (
-            self.given
-            if self.given is not None
-            else build_model(job.model, self.vocab_size, job.train.seed, self.labels)
-        )
+        if self.init_from:
+            from ..models.hf_format import build_from_hf
+
+            # nothing allocated for the whole model: each stage materializes its own part
+            _, _, self.full = build_from_hf(self.init_from, device="meta")
+            if self.hf_cfg.tie_word_embeddings and p.pp > 1:
+                raise ConfigError(
+                    f"{self.init_from} ties its head to its embedding: FastServe cannot split "
+                    "it over pipeline stages yet; use parallel.tp / dp, or a model with an "
+                    "untied head"
+                )
+        else:
+            self.full = (
+                self.given
+                if self.given is not None
+                else build_model(job.model, self.vocab_size, job.train.seed, self.labels)
+            )
         mesh = dims.build_mesh(env.device.type) if env.world_size > 1 else None
         self.pp_rank = mesh["pp"].get_local_rank() if mesh else 0
         self.dp_rank = mesh["dp"].get_local_rank() if mesh else 0
@@ -162,6 +262,10 @@ class Trainer:
             for s in self.stage_ids
         ]
         for c in chunks:
+            if self.init_from:
+                from ..models.hf_format import materialize
+
+                materialize(c, self.init_from, env.device)
             c.to(env.device)
             if p.tp > 1:
                 apply_tp(c, mesh["tp"])
@@ -317,6 +421,8 @@ class Trainer:
         ckpt.save_shard(
             self.run, step, self.env.rank, self.named, self.optimizer, self.scheduler, self.layout
         )
+        for hook in HOOKS["saved_shard"]:
+            hook(self, step)
         self.env.comm.Barrier()
         if self.env.rank == 0:
             ckpt.mark_complete(self.run, step, self.job.checkpoint.keep)
@@ -351,6 +457,7 @@ class Trainer:
         metrics_path = self.run / "metrics.jsonl"
         if self.env.rank == 0:
             trim_metrics(metrics_path, start)
+            self._record_run(start)
         tokens_per_step = t.batch_size * job.data.seq_len
         fpt = flops_per_token(self.full, job.model, job.data.seq_len)
         peak = t.peak_tflops * 1e12 if t.peak_tflops > 0 else measured_peak_flops(self.env.device)
@@ -359,14 +466,9 @@ class Trainer:
         )
         if self.env.rank == 0:
             log(self.describe(start))
-        fault = os.environ.get("FASTSERVE_INJECT_FAULT", "")  # testing aid: "rank:step:raise|hang"
         for step in range(start, t.steps):
-            if fault:
-                f_rank, f_step, kind = fault.split(":")
-                if int(f_rank) == self.env.rank and int(f_step) == step:
-                    if kind == "hang":
-                        time.sleep(3600)
-                    raise RuntimeError(f"injected fault on rank {self.env.rank} at step {step}")
+            for hook in HOOKS["step"]:
+                hook(self, step)
             t0 = time.perf_counter()
             m = self.train_step(step)
             dt = time.perf_counter() - t0
@@ -402,6 +504,26 @@ class Trainer:
                     )
                 return REQUEUE_EXIT_CODE
         return 0
+
+    def _record_run(self, start: int) -> None:
+        """One line per start in runs.jsonl (what `fastserve status` shows: the target, where
+        this start resumed from, the Slurm job)."""
+        import socket
+
+        from ..slurm_env import SlurmEnv
+
+        entry = {
+            "started": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "steps": self.job.train.steps,
+            "from_step": start,
+            "world_size": self.env.world_size,
+            "layout": asdict(self.job.parallel),
+            "slurm_job_id": SlurmEnv.read().job_id,
+        }
+        with open(self.run / "runs.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def describe(self, start: int) -> str:
         p, m = self.job.parallel, self.job.model
@@ -448,7 +570,24 @@ class Trainer:
         state = {}
         for part in gathered:
             state.update({k: torch.from_numpy(np.asarray(v)) for k, v in part.items()})
-        model = build_model(self.job.model, self.vocab_size, self.job.train.seed, self.labels)
+        # the trained model's own class and config (one given through the API may differ from
+        # what the job's [model] table describes: bias=False, say)
+        if self.init_from:  # back to a Hugging Face folder
+            from ..models.hf_format import export_hf
+            from ..registry import ARCHS
+
+            model = ARCHS[self.arch].model_class()(self.hf_cfg)
+            if self.hf_cfg.tie_word_embeddings:
+                state["lm_head.weight"] = state["wte.weight"]
+            model.load_state_dict(state, strict=True)
+            extra = {"trained_with": asdict(self.job.parallel), "steps": self.job.train.steps,
+                     "init_from": str(self.init_from)}  # fmt: skip
+            return export_hf(model, self.init_from, folder, extra)
+        model = (
+            type(self.given)(self.given.config)
+            if self.given is not None
+            else build_model(self.job.model, self.vocab_size, self.job.train.seed, self.labels)
+        )
         model.load_state_dict(state, strict=True)
         return save_checkpoint(
             folder,
