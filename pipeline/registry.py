@@ -96,6 +96,14 @@ ARCHS: dict[str, ArchSpec] = {
             "models.decoding:GPTCausalLM",
         ),
         ArchSpec(
+            "llama",
+            "causal-lm",
+            "models.llama:Llama",
+            "models.llama:LlamaConfig",
+            True,
+            "models.decoding:GPTCausalLM",  # the same cached-forward interface
+        ),
+        ArchSpec(
             "lstm",
             "causal-lm",
             "models.lstm:LSTMLM",

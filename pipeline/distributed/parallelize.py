@@ -52,22 +52,25 @@ def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
 
 
 def apply_tp(chunk: nn.Module, tp_mesh) -> None:
-    """Split attention heads (q/k/v by column, o by row) and the MLP (fc by column, proj by row)
-    over `tp_mesh`. Embeddings, norms and the head stay replicated."""
+    """Split attention heads (q/k/v by column, o by row) and the MLP (fc, or gate and up, by
+    column; proj or down by row) over `tp_mesh`, by the model's `tp_plan`. Embeddings, norms and
+    the head stay replicated."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
 
-    plan = {
-        "attn.q_proj": ColwiseParallel(),
-        "attn.k_proj": ColwiseParallel(),
-        "attn.v_proj": ColwiseParallel(),
-        "attn.o_proj": RowwiseParallel(),
-        "mlp.fc": ColwiseParallel(),
-        "mlp.proj": RowwiseParallel(),
+    names = getattr(chunk, "tp_plan", None) or {  # the model's own plan, else the GPT's
+        "attn.q_proj": "colwise",
+        "attn.k_proj": "colwise",
+        "attn.v_proj": "colwise",
+        "attn.o_proj": "rowwise",
+        "mlp.fc": "colwise",
+        "mlp.proj": "rowwise",
     }
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {name: styles[style]() for name, style in names.items()}
     for layer in chunk.layers.values():
         parallelize_module(layer, tp_mesh, plan)
 

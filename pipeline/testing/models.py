@@ -138,6 +138,36 @@ def build_gpt2(folder: Path, seed: int = 0, chat_template: str | None = None) ->
     return folder
 
 
+def build_llama(folder: Path, seed: int = 0, model_type: str = "llama", **config) -> Path:
+    """A tiny Llama-family causal LM (model_type llama, mistral or qwen2) with a BPE tokenizer;
+    `config` overrides (num_key_value_heads for GQA, tie_word_embeddings, rope_scaling, ...)."""
+    import torch
+    import transformers
+
+    tok = build_bpe_tokenizer(folder, ["<pad>", "<|endoftext|>", "<|endoftext|>"])
+    torch.manual_seed(seed)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    args = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=500.0,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    cfg = getattr(transformers, f"{name}Config")(**{**args, **config})
+    getattr(transformers, f"{name}ForCausalLM")(cfg).save_pretrained(folder)
+    return folder
+
+
 def build_bart(folder: Path, seed: int = 0, languages: tuple[str, ...] = ()) -> Path:
     """A 1+1-layer BART translation model; `languages` become special tokens (mBART-style codes)."""
     import torch

@@ -1,0 +1,110 @@
+"""Fine-tuning a Hugging Face checkpoint (a tiny Llama-family folder built here, grouped-query
+attention, untied head) over real MPI ranks: every layout's losses equal one process, each stage
+reads only its own tensors, and export/ is a folder transformers loads and `fastserve infer`
+serves."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from fastserve.pipeline.testing import sample_texts, write_corpus
+from fastserve.pipeline.testing.models import build_llama
+
+from conftest import read_sorted, run_cli
+from reference import hf_generate
+
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(not MPIEXEC.exists(), reason="mpiexec (the mpich wheel) is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("finetune")
+    build_llama(d / "llama", num_hidden_layers=4, num_key_value_heads=2)
+    write_corpus(d / "corpus", n_files=2, rows=200)
+    return d
+
+
+def train(work, name, parallel: str = "", n: int = 1) -> list[float]:
+    job = work / f"{name}.toml"
+    job.write_text(
+        f'[model]\ninit_from = "llama"\n[data]\npaths = ["corpus"]\nseq_len = 32\n'
+        "[train]\nsteps = 6\nbatch_size = 8\nlr = 1e-3\nwarmup_steps = 2\neval_every = 0\n"
+        f'[parallel]\nmicrobatches = 2\ntimeout_s = 60\n{parallel}\n[output]\npath = "{name}"\n'
+    )
+    cmd = [sys.executable, "-m", "fastserve.jobs", "train", "--config", str(job)]
+    proc = subprocess.run(
+        [str(MPIEXEC), "-n", str(n), *cmd] if n > 1 else cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=work,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x)["loss"] for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(work):
+    return train(work, "single")
+
+
+@pytest.mark.parametrize(
+    "name, parallel, n", [("pp2", "pp = 2", 2), ("pp2xtp2", "pp = 2\ntp = 2", 4)]
+)
+def test_fine_tuning_over_any_layout_equals_one_process(work, reference, name, parallel, n):
+    got = train(work, name, parallel, n)
+    assert got == pytest.approx(reference, abs=1e-5)
+    assert reference[-1] < reference[0]  # it learns from the checkpoint's start
+    assert json.loads((work / name / "export" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_the_export_is_a_folder_transformers_loads_and_infer_serves(work, reference):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    export = work / "single" / "export"
+    model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32)
+    start = AutoModelForCausalLM.from_pretrained(work / "llama", torch_dtype=torch.float32)
+    moved = [
+        (a - b).abs().max().item()
+        for a, b in zip(model.parameters(), start.parameters(), strict=True)
+    ]
+    assert max(moved) > 1e-4  # trained, not the checkpoint it started from
+    assert AutoTokenizer.from_pretrained(export).eos_token == "<|endoftext|>"
+    prompts = sample_texts(6, seed=3, max_words=8)
+    pq.write_table(
+        pa.table({"id": [f"p{i}" for i in range(6)], "text": prompts}), work / "prompts.parquet"
+    )
+    (work / "gen.toml").write_text(
+        '[input]\npaths = ["prompts.parquet"]\n[model]\npath = "single/export"\n'
+        '[task]\nname = "generate"\nmax_new_tokens = 8\n[output]\npath = "gen"\n'
+    )
+    run_cli("infer", "--config", work / "gen.toml", "--executor", "serial", check=True)
+    out = read_sorted(work / "gen")
+    tok = AutoTokenizer.from_pretrained(export)
+    want = [tok.decode(r, skip_special_tokens=True) for r in hf_generate(export, prompts, [8] * 6)]
+    assert out.column("generated").to_pylist() == want
+
+
+def test_dry_run_on_the_folder_shows_stages_and_shards(work):
+    job = work / "dry.toml"
+    job.write_text(
+        '[model]\ninit_from = "llama"\n[data]\npaths = ["corpus"]\nseq_len = 32\n'
+        '[parallel]\npp = 2\ntp = 2\n[output]\npath = "dry"\n'
+    )
+    out = run_cli("train", "--config", job, "--dry-run", cwd=work, check=True).stdout
+    assert "model llama" in out and "(from " in out and "stage 1 (pp rank 1): layers 2-3" in out
+    assert "tensor parallel: 2 of 4 heads" in out
