@@ -159,6 +159,15 @@ def check_fits(cfg: SlurmConfig, node_cpus: list[int], where: str) -> None:
     if cfg.overcommit:
         return
     tasks, cpus = cfg.ntasks_per_node or INFER_TASKS, cfg.cpus_per_task or 1
+    if sum(c >= tasks * cpus for c in node_cpus) < cfg.nodes <= len(
+        node_cpus
+    ) and tasks * cpus <= max(node_cpus):
+        big = sum(c >= tasks * cpus for c in node_cpus)
+        raise ConfigError(
+            f"{where}: {cfg.nodes} nodes of {tasks} tasks x {cpus} CPUs, but only {big} node"
+            f"{'s' if big != 1 else ''} of {where_} have {tasks * cpus} CPUs: the job would stay "
+            "pending; use fewer nodes, fewer ranks per node, or slurm.overcommit = true"
+        )
     if tasks * cpus > max(node_cpus):
         raise ConfigError(
             f"{where}: {tasks} tasks x {cpus} CPUs per node, but the nodes of "

@@ -158,9 +158,26 @@ def node_cpus(partition: str | None = None) -> list[int]:
 
     if shutil.which("sinfo") is None:
         return []
-    args = ["sinfo", "-h", "-N", "-o", "%N %c"] + (["-p", partition] if partition else [])
+    args = ["sinfo", "-h", "-N", "-o", "%N %c %P"] + (["-p", partition] if partition else [])
     proc = run_slurm(args, check=False)
     if proc.returncode != 0:
         return []
-    nodes = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
-    return [int(c) for c in nodes.values() if c.isdigit()]  # a node in two partitions, once
+    return partition_cpus(proc.stdout, partition)
+
+
+def partition_cpus(sinfo: str, partition: str | None) -> list[int]:
+    """The CPUs of each node of `partition` (None: the default one, marked * by sinfo) from
+    `sinfo -h -N -o "%N %c %P"` lines; a node in two partitions is counted once."""
+    nodes: dict[str, int] = {}
+    for line in sinfo.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        name, cpus, part = parts
+        if (
+            part == partition
+            or part == f"{partition}*"
+            or (partition is None and part.endswith("*"))
+        ):
+            nodes[name] = int(cpus)
+    return list(nodes.values())

@@ -260,7 +260,7 @@ class ClusterConfig:
     interface: str | None = None
     """executor = 'slurm' over several nodes: the network interface Dask's scheduler and workers
     listen on and advertise (e.g. ib0). Unset: the address each node's own host name resolves to
-    (what Slurm and MPI use), else the interface of the default route."""
+    (what Slurm and MPI use), else the first interface with a non-loopback address."""
     executor: str = "local"
     """local: a LocalCluster started here (or scheduler_address). slurm: Dask started inside a
     Slurm job step by dask-jobqueue's SLURMRunner (`srun -n N fastserve infer ...`; what

@@ -24,14 +24,23 @@ cmd=${1:-}; dir=${2:-}
 shift 2
 nodes=1; node_arg=""; kill_node=no
 while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --nodes) [[ "${2:-}" =~ ^[1-9][0-9]?$ ]] || { echo "error: --nodes takes a number from 1 to 99" >&2; exit 2; }; nodes=$2; shift 2 ;;
-    --kill) kill_node=yes; shift ;;
-    -*) usage ;;
-    *) [[ -z "$node_arg" ]] || usage; node_arg=$1; shift ;;
+  case "$cmd:$1" in
+    start:--nodes) [[ "${2:-}" =~ ^[1-9][0-9]?$ ]] || { echo "error: --nodes takes a number from 1 to 99" >&2; exit 2; }; nodes=$2; shift 2 ;;
+    node-down:--kill) kill_node=yes; shift ;;
+    node-down:[^-]*|node-up:[^-]*) [[ -z "$node_arg" ]] || usage; node_arg=$1; shift ;;
+    *) usage ;;
   esac
 done
-mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
+[[ "$cmd" != node-* || -n "$node_arg" ]] || usage
+if [[ "$cmd" == start ]]; then
+  mkdir -p "$dir"
+elif [[ ! -d "$dir" ]]; then
+  echo "error: $dir does not exist: no cluster was started there" >&2; exit 2
+fi
+dir=$(cd "$dir" && pwd)
+if [[ "$dir" =~ [[:space:]] ]]; then  # slurm.conf cannot hold such a path
+  echo "error: '$dir' has white space in it; Slurm's config cannot name it: use another folder" >&2; exit 2
+fi
 host=$(hostname -s)
 # The names this folder's cluster gives what it creates outside the folder (namespaces, links):
 # derived from the folder, so two clusters never share one, and recorded in DIR/net.list for stop.
@@ -145,9 +154,6 @@ make_nodes() {  # the bridge, one namespace per node on it, the hosts file; writ
   for bin in ip nsenter unshare; do
     command -v "$bin" >/dev/null || { echo "error: $bin not found; several nodes need iproute2 and util-linux (apt-get install -y iproute2 util-linux)" >&2; exit 1; }
   done
-  if ip -4 -o addr show | grep -q " 198\.18\.$sub\."; then
-    echo "error: 198.18.$sub.0/24 is already in use on this machine; stop the cluster that uses it" >&2; exit 1
-  fi
   echo "bridge $bridge" > "$dir/net.list"
   ip link add "$bridge" type bridge
   ip addr add "198.18.$sub.1/24" dev "$bridge"
@@ -166,11 +172,35 @@ make_nodes() {  # the bridge, one namespace per node on it, the hosts file; writ
   done
 }
 
+free_subnet() {  # 198.18.<n>.0/24 for this folder: from its hash on, the first one no link uses
+  local n used i
+  used=$(ip -4 -o addr show 2>/dev/null | grep -o ' 198\.18\.[0-9]*\.' | cut -d. -f3 | sort -u | tr '\n' ' ')
+  n=$(( 16#${tag:0:4} % 250 + 2 ))
+  for i in $(seq 250); do
+    [[ " $used " == *" $n "* ]] || { echo "$n"; return 0; }
+    n=$(( n % 250 + 2 ))
+  done
+  echo "error: every 198.18.x.0/24 subnet is in use; stop some test clusters" >&2; return 1
+}
+
+started=no
+on_start_exit() {  # a start that did not finish leaves nothing behind
+  local code=$?
+  if [[ "$started" == no ]]; then
+    set +e
+    echo "error: start failed (exit $code); removing what it made" >&2
+    stop
+  fi
+  exit "$code"
+}
+
 start() {
   for bin in munged slurmctld slurmd sinfo; do
     command -v "$bin" >/dev/null || { echo "error: $bin not found; install Debian's slurmctld slurmd slurm-client munge" >&2; exit 1; }
   done
   stop  # a leftover cluster in the same folder
+  # whatever fails from here on (set -e), nothing is left behind: daemons, namespaces, links
+  trap on_start_exit EXIT
   mkdir -p "$dir/munge" "$dir/state" "$dir/spool" "$dir/log"
   chmod 0755 "$dir/munge"
   dd if=/dev/urandom bs=1 count=1024 of="$dir/munge/munge.key" status=none
@@ -194,7 +224,7 @@ $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
   else
-    sub=$(( 16#${tag:0:4} % 250 + 2 ))  # 198.18.<sub>.0/24: the test-bench range, one subnet per folder
+    sub=$(free_subnet)  # 198.18.<sub>.0/24: the test-bench range, one subnet per cluster
     port=$(( 20000 + 16#${tag:1:3} % 2000 * 2 ))  # slurmctld's (root namespace) and slurmd's: one pair per folder
     make_nodes "$sub"
     names="node[1-$nodes]"
@@ -228,6 +258,7 @@ CONF
   for _ in $(seq 150); do  # bounded wait: 30 s
     idle=$(sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 == "idle"' | sort -u | wc -l)
     if [[ "$idle" -ge "$nodes" ]]; then
+      started=yes
       echo "export SLURM_CONF=$dir/slurm.conf"
       return 0
     fi
@@ -242,6 +273,7 @@ CONF
     tail -n 5 "$log" 2>/dev/null | sed 's/^/    /' >&2 || echo "    (no log: slurmd never started)" >&2
   done < <(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u)
   echo "  see also $dir/log/slurmctld.log" >&2
+  started=failed
   stop
   exit 1
 }
@@ -271,8 +303,12 @@ node_up() {  # back as after a reboot: what ran there is gone, a fresh slurmd re
   ip link set "$(veth "$i")" up
   FASTSERVE_LOCAL_SLURM="$dir" start_slurmd "$i"
   export SLURM_CONF="$dir/slurm.conf"
-  for _ in $(seq 100); do  # bounded wait: 20 s
-    [[ "$(sinfo -h -n "node$i" -o %t 2>/dev/null)" == idle ]] && return 0
+  local pidfile="$dir/slurmd.node$i.pid"
+  for _ in $(seq 100); do  # bounded wait: 20 s, for a live slurmd the controller sees idle
+    if [[ -f "$pidfile" ]] && alive "$(cat "$pidfile")" \
+       && [[ "$(sinfo -h -n "node$i" -o %t 2>/dev/null)" == idle ]]; then
+      return 0
+    fi
     sleep 0.2
   done
   echo "error: node$i did not come back within 20 s; see $dir/log/slurmd.node$i.log" >&2

@@ -142,11 +142,16 @@ def cluster_leftovers(folder: Path) -> list[str]:
         for line in subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()
         if f"fs{tag}" in line
     ]
+    # the daemons and what they started carry the marker; step daemons clear their environment
+    # but work in DIR/log (as slurm/local-cluster.sh's own `ours` finds them)
     marker = f"FASTSERVE_LOCAL_SLURM={folder}".encode()
     for env in Path("/proc").glob("[0-9]*/environ"):
         try:
             stat = (env.parent / "stat").read_text().split()[2]
-            if stat not in "ZX" and marker in env.read_bytes().split(b"\0"):
+            cwd = os.readlink(env.parent / "cwd")
+            if stat not in "ZX" and (
+                marker in env.read_bytes().split(b"\0") or cwd == str(folder / "log")
+            ):
                 left.append(f"pid {env.parent.name}")
         except OSError:
             continue

@@ -122,6 +122,18 @@ def test_more_nodes_than_the_partition_has_is_refused_even_overcommitted():
     check_fits(three, [2, 2, 2], "job.toml")
     with pytest.raises(ConfigError, match=r"job.toml: slurm.nodes = 3, but partition debug has 2"):
         check_fits(three, [2, 2], "job.toml")
+    uneven = SlurmConfig(nodes=3, ntasks_per_node=8)
+    with pytest.raises(ConfigError, match=r"3 nodes of 8 tasks x 1 CPUs, but only 1 node"):
+        check_fits(uneven, [64, 2, 2], "job.toml")
+
+
+def test_sinfo_lines_count_the_default_partition_and_each_node_once():
+    from fastserve.jobs.slurm_job import partition_cpus
+
+    lines = "node1 2 debug*\nnode1 2 big\nnode2 4 big\nnode3 4 big\n"
+    assert partition_cpus(lines, None) == [2]  # the default partition only
+    assert partition_cpus(lines, "big") == [2, 4, 4]
+    assert partition_cpus(lines, "debug") == [2]
 
 
 def test_one_template_serves_both_kinds_and_differs_only_where_they_do():

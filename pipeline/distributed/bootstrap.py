@@ -78,11 +78,15 @@ def _listen_for_liveness() -> int:
 
 
 def _my_address() -> str:
-    """The address peers reach this rank at: its host name's, as for the rendezvous."""
+    """The address peers on other nodes reach this rank at (never loopback); on a machine with
+    no other address, its host name (one node: enough)."""
+    from ..errors import ConfigError
+    from ..netaddr import node_address
+
     try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+        return node_address()
+    except ConfigError:
+        return socket.gethostname()
 
 
 def lost_ranks(peers, me: int, timeout_s: float = 3.0) -> list[int]:
@@ -117,7 +121,11 @@ def diagnose(peers, me: int) -> str:
     silent = sorted({peers[r][0] for r in lost})
     # a node none of whose ranks answers is gone or cut off; otherwise only processes died
     gone = [n for n in silent if all(r in lost for r in range(len(peers)) if peers[r][0] == n)]
-    why = f"node {', '.join(gone)} gone or cut off" if gone else "the process is gone"
+    why = (  # every rank of a node silent: it may be gone, or only its processes
+        f"no rank on {', '.join(gone)} answers: the node is gone or cut off, or its processes died"
+        if gone
+        else "the process is gone (its node still answers)"
+    )
     return f"[rank {me}] lost contact with {who}: {why}"
 
 
@@ -156,9 +164,9 @@ def bootstrap(timeout_s: float = 120, device: str = "auto") -> DistEnv:
         dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
-    # Rank 0's own host name, resolved by the others: the rendezvous works across nodes.
+    # Rank 0's own address (its host name's, never loopback): the rendezvous works across nodes.
     addr = comm.bcast(
-        (socket.gethostname() if size > 1 else "127.0.0.1", _free_port()) if rank == 0 else None
+        (_my_address() if size > 1 else "127.0.0.1", _free_port()) if rank == 0 else None
     )
     if size == 1:
         addr = ("127.0.0.1", addr[1])

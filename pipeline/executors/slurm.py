@@ -15,6 +15,7 @@ from contextlib import contextmanager, suppress
 
 from ..config import ClusterConfig
 from ..errors import ConfigError
+from ..netaddr import node_address
 from ..slurm_env import SlurmEnv
 from .local import DEATH_TIMEOUT_S, TASK_SLOTS, DaskExecutor, one_gpu_per_worker
 
@@ -104,28 +105,12 @@ def start_slurm_roles(cfg: ClusterConfig) -> None:
 
 def listen_on(cfg: ClusterConfig, env: SlurmEnv) -> dict:
     """Where this node's scheduler or worker listens, as Dask options, decided on each node: one
-    node, loopback (cluster.host); several, cluster.interface if given, else the address this
-    node's host name resolves to (what Slurm and MPI ranks use too), else Dask's own choice (the
-    default route's interface). Never loopback across nodes: the other nodes could not reach it."""
+    node, loopback (cluster.host); several, the address of cluster.interface if given, else the
+    address this node's host name resolves to (what Slurm and MPI ranks use too), else the first
+    interface with another address. Never loopback across nodes: the others could not reach it."""
     if env.nnodes <= 1 and cfg.host.startswith("127."):
         return {"host": cfg.host}
-    if cfg.interface:
-        return {"interface": cfg.interface}
-    address = node_address()
-    return {"host": address} if address else {}
-
-
-def node_address() -> str | None:
-    """The IPv4 address this machine's host name resolves to, unless that is loopback (Debian's
-    127.0.1.1 line) or it does not resolve."""
-    import ipaddress
-    import socket
-
-    try:
-        address = socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return None
-    return None if ipaddress.ip_address(address).is_loopback else address
+    return {"host": node_address(cfg.interface)}
 
 
 @contextmanager
