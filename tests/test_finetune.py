@@ -36,11 +36,14 @@ def work(tmp_path_factory):
     return d
 
 
-def train(work, name, parallel: str = "", n: int = 1) -> list[float]:
+def train(
+    work, name, parallel: str = "", n: int = 1, data: str = "", steps: int = 6
+) -> list[float]:
     job = work / f"{name}.toml"
+    data = data or 'paths = ["corpus"]\n'
     job.write_text(
-        f'[model]\ninit_from = "llama"\n[data]\npaths = ["corpus"]\nseq_len = 32\n'
-        "[train]\nsteps = 6\nbatch_size = 8\nlr = 1e-3\nwarmup_steps = 2\neval_every = 0\n"
+        f'[model]\ninit_from = "llama"\n[data]\n{data}seq_len = 32\n'
+        f"[train]\nsteps = {steps}\nbatch_size = 8\nlr = 1e-3\nwarmup_steps = 2\neval_every = 0\n"
         f'[parallel]\nmicrobatches = 2\ntimeout_s = 60\n{parallel}\n[output]\npath = "{name}"\n'
     )
     cmd = [sys.executable, "-m", "fastserve.jobs", "train", "--config", str(job)]
@@ -108,3 +111,65 @@ def test_dry_run_on_the_folder_shows_stages_and_shards(work):
     out = run_cli("train", "--config", job, "--dry-run", cwd=work, check=True).stdout
     assert "model llama" in out and "(from " in out and "stage 1 (pp rank 1): layers 2-3" in out
     assert "tensor parallel: 2 of 4 heads" in out
+
+
+# -- instruction data: a prompt and a response, the loss on the response only -----------------
+
+INSTRUCT = 'paths = ["instruct"]\nprompt_column = "prompt"\nresponse_column = "response"\n'
+
+
+@pytest.fixture(scope="module")
+def instruct(work):
+    texts = sample_texts(120, seed=5, max_words=6)
+    prompts = [f"Say it again: {t}\n" for t in texts] + [None, "fine", "long " * 40]
+    responses = [t for t in texts] + ["x", "", "y"]
+    (work / "instruct").mkdir()
+    pq.write_table(
+        pa.table({"prompt": prompts, "response": responses}), work / "instruct" / "a.parquet"
+    )
+    return train(work, "instruct-single", data=INSTRUCT)
+
+
+def test_instruction_losses_count_response_tokens_only_and_equal_over_layouts(work, instruct):
+    import numpy as np
+
+    from fastserve.pipeline.training.instructions import InstructionData
+
+    data = work / "instruct-single" / "data"
+    assert json.loads((data / "rejected.json").read_text()) == {
+        "null_prompt": 1, "empty_response": 1, "too_long": 1,
+    }  # fmt: skip
+    ids, mask = np.load(data / "tokens.npy"), np.load(data / "mask.npy")
+    assert len(ids) == 120
+    x, y = InstructionData(ids, mask, 0.1, 0)._seqs(np.array([0]))
+    tok = AutoTokenizer.from_pretrained(work / "llama")
+    answer = [t for t in y[0].tolist() if t != -100]
+    assert tok.decode(answer[:-1]).strip() in {
+        t.strip() for t in sample_texts(120, seed=5, max_words=6)
+    }
+    assert answer[-1] == tok.eos_token_id  # the reply ends with eos, and only it counts
+    got = train(work, "instruct-pp2", "pp = 2", 2, data=INSTRUCT)
+    assert got == pytest.approx(instruct, abs=1e-5)
+
+
+def test_a_llama_folder_fine_tuned_pp2_tp2_on_instructions_is_exported_and_served(work, instruct):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    losses = train(work, "instruct-pp2tp2", "pp = 2\ntp = 2", 4, data=INSTRUCT, steps=50)
+    assert losses[-1] < 0.8 * losses[0]  # it learns
+    export = work / "instruct-pp2tp2" / "export"
+    model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32).eval()
+    assert model.config.model_type == "llama"
+    prompts = [f"Say it again: {t}\n" for t in sample_texts(4, seed=5, max_words=6)]
+    pq.write_table(
+        pa.table({"id": [f"q{i}" for i in range(4)], "text": prompts}), work / "q.parquet"
+    )
+    (work / "q.toml").write_text(
+        '[input]\npaths = ["q.parquet"]\n[model]\npath = "instruct-pp2tp2/export"\n'
+        '[task]\nname = "generate"\nmax_new_tokens = 12\n[output]\npath = "q-out"\n'
+    )
+    run_cli("infer", "--config", work / "q.toml", "--executor", "serial", check=True)
+    tok = AutoTokenizer.from_pretrained(export)
+    want = [tok.decode(r, skip_special_tokens=True) for r in hf_generate(export, prompts, [12] * 4)]
+    assert read_sorted(work / "q-out").column("generated").to_pylist() == want

@@ -375,6 +375,11 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in steps) + '{"st')
     trim_metrics(path, 3)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}')  # whole, but its newline lost
+    trim_metrics(path, 3)
+    with open(path, "a") as f:
+        f.write('{"step": 4}\n')
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
     trim_metrics(path, 0)  # no checkpoint: the rerun starts over
     assert path.read_text() == ""
 

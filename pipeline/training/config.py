@@ -60,6 +60,13 @@ class TrainDataConfig:
     """Tokens per training sequence (documents are packed, eos between them)."""
     label_column: str | None = None
     """The label of each row (any strings), for arch = "classifier"."""
+    prompt_column: str | None = None
+    """Instruction data: the prompt of each row; with response_column. The loss is on the
+    response only; each example is one padded sequence of at most seq_len + 1 tokens."""
+    response_column: str | None = None
+    messages_column: str | None = None
+    """Instruction data as chat messages ([{role, content}, ...], the last the assistant's
+    reply), rendered by the tokenizer's chat template (model.init_from's)."""
     val_fraction: float = 0.1
     """Share of sequences held out for validation."""
 
@@ -200,6 +207,24 @@ def check(cfg: TrainJob, where: str) -> None:
         d.tokenizer is not None or d.vocab_size >= 300,
         f"data.vocab_size ({d.vocab_size}) leaves no room for merges in a byte-level BPE "
         "(256 bytes + special tokens): use 300 or more",
+    )
+    need(
+        bool(d.prompt_column) == bool(d.response_column),
+        "data.prompt_column and data.response_column go together (instruction data)",
+    )
+    need(
+        not (d.messages_column and d.prompt_column),
+        "data.messages_column or data.prompt_column + response_column: one kind of instruction data",
+    )
+    instruct = bool(d.prompt_column or d.messages_column)
+    need(
+        not instruct or bool(m.init_from or (d.tokenizer and not d.messages_column)),
+        "instruction data fine-tunes a model: set model.init_from (a Hugging Face folder; "
+        "messages_column uses its chat template)",
+    )
+    need(
+        not instruct or m.arch != "classifier",
+        "instruction data trains a language model, not arch = 'classifier'",
     )
     need(
         m.arch != "classifier" or bool(d.label_column),

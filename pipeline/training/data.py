@@ -20,7 +20,9 @@ from ..plan import is_string_type
 SPECIALS = ["<pad>", "<|endoftext|>"]
 
 
-def check_corpus(paths, text_column: str, label_column: str | None = None) -> dict:
+def check_corpus(
+    paths, text_column: str | None, label_column: str | None = None, columns: tuple = ()
+) -> dict:
     """What the corpus holds, read from the files' footers only (no rows): every file readable
     Parquet with a string `text_column` (and `label_column`); an InputError naming the file
     otherwise. Returns files, rows and the files' identity (paths, sizes, modification times):
@@ -35,7 +37,16 @@ def check_corpus(paths, text_column: str, label_column: str | None = None) -> di
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
             raise InputError(f"training corpus file {path} is not readable Parquet ({e})") from None
         schema = meta.schema.to_arrow_schema()
-        if text_column not in schema.names or not is_string_type(schema.field(text_column).type):
+        for column in columns:  # instruction data's
+            if column not in schema.names:
+                raise InputError(
+                    f"training corpus file {path} has no column {column!r} (columns: "
+                    f"{', '.join(schema.names)}); set data.prompt_column / response_column / "
+                    "messages_column"
+                )
+        if text_column is not None and (
+            text_column not in schema.names or not is_string_type(schema.field(text_column).type)
+        ):
             found = schema.field(text_column).type if text_column in schema.names else "absent"
             raise InputError(
                 f"training corpus file {path}: column {text_column!r} is {found}; expected a "
@@ -153,6 +164,12 @@ class PackedData:
 
     def batch(self, step: int, batch_size: int, part: int = 0, parts: int = 1):
         """Inputs and targets (B/parts, seq_len) of `step`'s global batch, slice `part` of `parts`."""
+        idx = self.indices(step, batch_size)
+        per = batch_size // parts
+        return self._seqs(idx[part * per : (part + 1) * per])
+
+    def indices(self, step: int, batch_size: int) -> np.ndarray:
+        """The training sequences of `step`'s global batch: a pure function of (seed, step)."""
         n = len(self.train)
         epoch, start = divmod(step * batch_size, n)
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.train)
@@ -163,8 +180,7 @@ class PackedData:
             range(start, start + batch_size),
             mode="wrap",
         )
-        per = batch_size // parts
-        return self._seqs(idx[part * per : (part + 1) * per])
+        return idx
 
     def val_batches(self, batch_size: int, count: int, part: int = 0, parts: int = 1):
         per = batch_size // parts

@@ -90,6 +90,8 @@ class Trainer:
         """`model`: an already built GPT or LSTMLM to train (its config must match job.model);
         by default the model is built from job.model and the seed."""
         self.job, self.env, self.given = job, env, model
+        self.instruct = bool(job.data.prompt_column or job.data.messages_column)
+        self.loss_scale = 1.0  # instruction data: see _scale_for
         self.init_from = job.model.init_from
         self.hf_cfg = None
         if self.init_from:
@@ -109,6 +111,14 @@ class Trainer:
                     raise ConfigError(
                         f"{self.init_from} has {n} {what}: parallel.tp = {tp} must divide them"
                     )
+            from ..models.hf_format import read_hf_config
+
+            window = read_hf_config(self.init_from).get("sliding_window")
+            if window and job.data.seq_len > window:
+                raise ConfigError(
+                    f"data.seq_len ({job.data.seq_len}) is longer than {self.init_from}'s sliding "
+                    f"window ({window}), which FastServe does not apply; use seq_len <= {window}"
+                )
             if job.data.seq_len > self.hf_cfg.block_size:
                 raise ConfigError(
                     f"data.seq_len ({job.data.seq_len}) is longer than {self.init_from} serves "
@@ -155,7 +165,19 @@ class Trainer:
         self.vocab_size = self.hf_cfg.vocab_size if self.hf_cfg else tok.get_vocab_size()
         tokens = np.load(tokens_file, allow_pickle=False)
         self.labels = json.loads(labels_file.read_text()) if classifier else None
-        if classifier:
+        if self.instruct:
+            from .instructions import InstructionData
+
+            mask = np.load(run / "data" / "mask.npy", allow_pickle=False)
+            self.data = InstructionData(tokens, mask, d.val_fraction, self.job.train.seed)
+            rejected = json.loads((run / "data" / "rejected.json").read_text())
+            if self.env.rank == 0:
+                print(
+                    f"instruction data: {len(tokens)} examples"
+                    + (f", set aside {rejected}" if rejected else ""),
+                    file=sys.stderr,
+                )
+        elif classifier:
             label_ids = np.load(run / "data" / "label_ids.npy", allow_pickle=False)
             self.data = LabeledData(tokens, label_ids, d.val_fraction, self.job.train.seed)
         else:
@@ -176,14 +198,21 @@ class Trainer:
             from ..models.hf_format import eos_token
 
             eos = eos_token(self.init_from)
-        corpus = check_corpus(d.paths, d.text_column, d.label_column if classifier else None)
+        columns = tuple(c for c in (d.prompt_column, d.response_column, d.messages_column) if c)
+        corpus = check_corpus(
+            d.paths,
+            None if self.instruct else d.text_column,
+            d.label_column if classifier else None,
+            columns,
+        )
         source = {
             "corpus": corpus["identity"],
             "text_column": d.text_column,
             "label_column": d.label_column if classifier else None,
             "tokenizer": tokenizer and str(Path(tokenizer).resolve()),
             "vocab_size": None if tokenizer else d.vocab_size,
-            "seq_len": d.seq_len if classifier else None,
+            "seq_len": d.seq_len if classifier or self.instruct else None,
+            "instructions": list(columns) or None,
         }
         source_file = run / "data" / "source.json"
         if tokens_file.exists():
@@ -205,14 +234,21 @@ class Trainer:
             tokens_file.unlink()
             if not tokenizer:
                 tok_json.unlink(missing_ok=True)  # trained on the old corpus
+        if tokenizer:
+            tok_json.parent.mkdir(parents=True, exist_ok=True)
+            tok_json.write_text(Path(tokenizer).read_text())
+        if self.instruct:
+            from .instructions import encode_examples, save_examples
+
+            ids, mask, rejected = encode_examples(d, tok_json, eos, self.init_from)
+            save_examples(run / "data", ids, mask, rejected)
+            source_file.write_text(json.dumps(source))
+            return
         if classifier:
             texts, labels = read_labeled(d.paths, d.text_column, d.label_column)
         else:
             texts = read_texts(d.paths, d.text_column)
-        if tokenizer:
-            tok_json.parent.mkdir(parents=True, exist_ok=True)
-            tok_json.write_text(Path(tokenizer).read_text())
-        elif not tok_json.exists():
+        if not tokenizer and not tok_json.exists():
             train_tokenizer(texts, d.vocab_size, tok_json)
         tokens_file.parent.mkdir(parents=True, exist_ok=True)
         if classifier:  # fixed-length rows of ids, and label ids by sorted label name
@@ -320,7 +356,19 @@ class Trainer:
                 self.counting[0] += int((logits.argmax(-1) == targets).sum())
                 self.counting[1] += len(targets)
             return F.cross_entropy(logits.float(), targets)
+        if self.instruct:  # response tokens only: summed, scaled to the step's token mean
+            ce = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+            return ce * self.loss_scale
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def _scale_for(self, tokens: int, passes: int = 1) -> float:
+        """Each micro-batch's summed loss times this is the mean over the `tokens` response
+        tokens of the whole step, after what the layout does to gradients: the pipeline schedule
+        averages its micro-batches, data parallelism its ranks, and train_step its passes."""
+        microbatches = self.job.parallel.microbatches if self.dims.pp > 1 else 1
+        return self.dims.dp * microbatches * passes / max(1, tokens)
 
     def _autocast(self):
         prec = self.job.train.precision
@@ -368,6 +416,13 @@ class Trainer:
         t = self.job.train
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.env.device)
+        if self.instruct:
+            per = t.batch_size // t.grad_accum
+            tokens = sum(
+                self.data.valid(self.data.indices(step * t.grad_accum + k, per))
+                for k in range(t.grad_accum)
+            )
+            self.loss_scale = self._scale_for(tokens, t.grad_accum)
         for k in range(t.grad_accum):
             x, y = self.data.batch(
                 step * t.grad_accum + k, t.batch_size // t.grad_accum, self.dp_rank, self.dims.dp
@@ -387,7 +442,12 @@ class Trainer:
         t = self.job.train
         losses = []
         self.counting = [0, 0]
-        for x, y in self.data.val_batches(t.batch_size, t.eval_batches, self.dp_rank, self.dims.dp):
+        batches = self.data.val_batches(t.batch_size, t.eval_batches, self.dp_rank, self.dims.dp)
+        for k, (x, y) in enumerate(batches):
+            if self.instruct:
+                self.loss_scale = self._scale_for(
+                    self.data.valid(self.data.val_indices(k, t.batch_size))
+                )
             x, y = x.to(self.env.device), y.to(self.env.device)
             with self._autocast():
                 if self.schedule is None:
@@ -609,7 +669,7 @@ def trim_metrics(path: Path, start: int) -> None:
     for line in lines:
         try:
             if json.loads(line)["step"] <= start:
-                kept.append(line)
+                kept.append(line if line.endswith("\n") else line + "\n")  # appends follow
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the kill
     if kept != lines:
