@@ -88,7 +88,12 @@ def load_shard(d: Path, rank: int, named_params, optimizer, scheduler, layout: d
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[key] = torch.zeros_like(p)
                     _target(state[key]).copy_(tensors[f"optim/{key}/{name}"])
-    scheduler.load_state_dict(meta["scheduler"])
+    saved = meta["scheduler"]
+    groups = len(optimizer.param_groups)
+    if len(saved.get("base_lrs", [])) != groups:  # saved with one group (before decay groups)
+        saved = {**saved, "base_lrs": saved["base_lrs"][:1] * groups,
+                 "_last_lr": saved["_last_lr"][:1] * groups}  # fmt: skip
+    scheduler.load_state_dict(saved)
     # The scheduler's state says where it was; the optimizer must be told the rate it had set.
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr

@@ -139,3 +139,33 @@ class InstructionData(PackedData):
 
     def val_indices(self, k: int, batch_size: int) -> np.ndarray:
         return np.take(self.val, range(k * batch_size, (k + 1) * batch_size), mode="wrap")
+
+
+class ArrayData(InstructionData):
+    """In-memory arrays (the Python API's fit(x, y)): token ids x (N, L); with y (N,), the
+    next token after each row (the loss on the last position only); without, x itself as a
+    language-modelling corpus (each position predicts the next; pad id 0 targets ignored).
+    `val_fraction` 0: no validation rows."""
+
+    def __init__(self, x, y, val_fraction: float, seed: int):
+        x = np.asarray(x, dtype=np.int64)
+        if x.ndim != 2 or len(x) < 1:
+            raise InputError(f"x has shape {x.shape}; expected (rows, sequence length) token ids")
+        if y is None:
+            ids, mask = x, x != 0
+            mask[:, 0] = False
+        else:
+            y = np.asarray(y, dtype=np.int64).reshape(-1)
+            if len(y) != len(x):
+                raise InputError(
+                    f"x has {len(x)} rows but y has {len(y)}; expected one label a row"
+                )
+            ids = np.concatenate([x, y[:, None]], axis=1)
+            mask = np.zeros(ids.shape, dtype=bool)
+            mask[:, -1] = True
+        self.ids, self.mask, self.seed = ids, mask, seed
+        order = np.random.default_rng(seed).permutation(len(ids))
+        n_val = int(len(ids) * val_fraction) if val_fraction > 0 else 0
+        if len(ids) - n_val < 1:
+            raise InputError(f"validation_split {val_fraction} leaves no training rows")
+        self.val, self.train = order[:n_val], order[n_val:]

@@ -49,6 +49,7 @@ from .data import (
     train_tokenizer,
 )
 from .model_factory import build_model, flops_per_token
+from .optim import build_optimizer, build_scheduler
 
 # Extension points for tests (fastserve.pipeline.testing.faults): callables (trainer, step) run
 # at the start of each step, and after this rank wrote its share of a checkpoint (before the
@@ -56,14 +57,6 @@ from .model_factory import build_model, flops_per_token
 HOOKS: dict[str, list] = {"step": [], "saved_shard": []}
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": the job script requeues on it
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to min_ratio."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def bubble_fraction(pp: int, microbatches: int, stages_per_rank: int) -> float:
@@ -86,11 +79,16 @@ def measured_peak_flops(device) -> float:
 
 
 class Trainer:
-    def __init__(self, job: TrainJob, env: DistEnv, model: torch.nn.Module | None = None):
+    def __init__(
+        self, job: TrainJob, env: DistEnv, model: torch.nn.Module | None = None, data=None
+    ):
         """`model`: an already built GPT or LSTMLM to train (its config must match job.model);
-        by default the model is built from job.model and the seed."""
+        by default the model is built from job.model and the seed. `data`: in-memory examples
+        (instructions.ArrayData, from the Python API) instead of job.data's corpus."""
         self.job, self.env, self.given = job, env, model
-        self.instruct = bool(job.data.prompt_column or job.data.messages_column)
+        self.arrays = data
+        # targets masked with -100 (instruction data, arrays): the loss is summed and scaled
+        self.instruct = data is not None or bool(job.data.prompt_column or job.data.messages_column)
         self.loss_scale = 1.0  # instruction data: see _scale_for
         self.init_from = job.model.init_from
         self.hf_cfg = None
@@ -137,6 +135,11 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         import numpy as np
+
+        if self.arrays is not None:  # every rank holds them: nothing to tokenize or share
+            self.data, self.labels, self.tokenizer_json = self.arrays, None, None
+            self.vocab_size = self.given.config.vocab_size
+            return
 
         d, run = self.job.data, self.run
         tok_json = run / "tokenizer.json"
@@ -315,12 +318,8 @@ class Trainer:
         self.named = [(n, q) for c in chunks for n, q in c.named_parameters()]
         self.params = [q for _, q in self.named]
         t = job.train
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay, foreach=False
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio)
-        )
+        self.optimizer = build_optimizer(self.named, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
         self.is_first = 0 in self.stage_ids
         self.is_last = (self.n_stages - 1) in self.stage_ids
         self.schedule = None
@@ -543,7 +542,7 @@ class Trainer:
                 "mfu": fpt * tokens_per_step / dt / (peak * self.env.world_size),
             }
             last = step + 1 == t.steps
-            if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+            if len(self.data.val) and ((t.eval_every and (step + 1) % t.eval_every == 0) or last):
                 val = self.evaluate()
                 record.update(val_loss=val, val_perplexity=math.exp(min(val, 50)))
                 if self.job.model.arch == "classifier":
