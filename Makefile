@@ -29,7 +29,7 @@ TEST_WORKERS ?= 2
 
 test: lint  ## lint, then the whole test suite (installs Debian's Slurm for its tests where it can)
 	./slurm/install-deps.sh
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 bench: install  ## benchmarks; figures go to bench/RESULTS.md
 	$(PY) -m bench.memory

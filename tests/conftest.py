@@ -102,6 +102,28 @@ def slurm_cluster(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
 
 
+# The longest files first: under `pytest -n N --dist loadfile` (`make test`) whole files are
+# handed out in this order, so the two long, mostly waiting Slurm files start at once on two
+# workers and the short files fill in at the end (longest processing time first).
+SLOWEST_FIRST = (
+    "test_multinode.py",
+    "test_slurm.py",
+    "test_training.py",
+    "test_finetune.py",
+    "test_nightly.py",
+    "test_resume.py",
+    "test_prompting.py",
+    "test_demo.py",
+    "test_recommend.py",
+    "test_bench.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
+
+
 # Under `pytest -n N` (`make test`) tests are handed out file by file (--dist loadfile): every
 # test that talks to the single-node Slurm is in test_slurm.py, every multi-node one in
 # test_multinode.py, so each test cluster runs on one worker (the single-node daemons listen on
