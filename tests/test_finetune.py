@@ -88,18 +88,7 @@ def test_the_export_is_a_folder_transformers_loads_and_infer_serves(work, refere
     assert max(moved) > 1e-4  # trained, not the checkpoint it started from
     assert AutoTokenizer.from_pretrained(export).eos_token == "<|endoftext|>"
     prompts = sample_texts(6, seed=3, max_words=8)
-    pq.write_table(
-        pa.table({"id": [f"p{i}" for i in range(6)], "text": prompts}), work / "prompts.parquet"
-    )
-    (work / "gen.toml").write_text(
-        '[input]\npaths = ["prompts.parquet"]\n[model]\npath = "single/export"\n'
-        '[task]\nname = "generate"\nmax_new_tokens = 8\n[output]\npath = "gen"\n'
-    )
-    run_cli("infer", "--config", work / "gen.toml", "--executor", "serial", check=True)
-    out = read_sorted(work / "gen")
-    tok = AutoTokenizer.from_pretrained(export)
-    want = [tok.decode(r, skip_special_tokens=True) for r in hf_generate(export, prompts, [8] * 6)]
-    assert out.column("generated").to_pylist() == want
+    assert_served_like_generate(work, "single/export", prompts, 8)
 
 
 def test_dry_run_on_the_folder_shows_stages_and_shards(work):
@@ -162,14 +151,22 @@ def test_a_llama_folder_fine_tuned_pp2_tp2_on_instructions_is_exported_and_serve
     model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32).eval()
     assert model.config.model_type == "llama"
     prompts = [f"Say it again: {t}\n" for t in sample_texts(4, seed=5, max_words=6)]
+    assert_served_like_generate(work, "instruct-pp2tp2/export", prompts, 12)
+
+
+def assert_served_like_generate(work, export: str, prompts: list[str], new_tokens: int):
+    """`fastserve infer --task generate` on the export gives what transformers' generate does."""
+    name = export.split("/")[0]
     pq.write_table(
-        pa.table({"id": [f"q{i}" for i in range(4)], "text": prompts}), work / "q.parquet"
+        pa.table({"id": [f"p{i}" for i in range(len(prompts))], "text": prompts}),
+        work / f"{name}-prompts.parquet",
     )
-    (work / "q.toml").write_text(
-        '[input]\npaths = ["q.parquet"]\n[model]\npath = "instruct-pp2tp2/export"\n'
-        '[task]\nname = "generate"\nmax_new_tokens = 12\n[output]\npath = "q-out"\n'
+    (work / f"{name}-gen.toml").write_text(
+        f'[input]\npaths = ["{name}-prompts.parquet"]\n[model]\npath = "{export}"\n'
+        f'[task]\nname = "generate"\nmax_new_tokens = {new_tokens}\n[output]\npath = "{name}-gen"\n'
     )
-    run_cli("infer", "--config", work / "q.toml", "--executor", "serial", check=True)
-    tok = AutoTokenizer.from_pretrained(export)
-    want = [tok.decode(r, skip_special_tokens=True) for r in hf_generate(export, prompts, [12] * 4)]
-    assert read_sorted(work / "q-out").column("generated").to_pylist() == want
+    run_cli("infer", "--config", work / f"{name}-gen.toml", "--executor", "serial", check=True)
+    tok = AutoTokenizer.from_pretrained(work / export)
+    ref = hf_generate(work / export, prompts, [new_tokens] * len(prompts))
+    want = [tok.decode(r, skip_special_tokens=True) for r in ref]
+    assert read_sorted(work / f"{name}-gen").column("generated").to_pylist() == want

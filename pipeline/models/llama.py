@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gpt import GPT
+
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (B, G, S, D) keys (rotated) and values of one layer
 
 
@@ -177,18 +179,9 @@ class Llama(nn.Module):
         self.ln_f = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
-        self.apply(self._init)
+        self.apply(GPT._init)  # the same initialisation as FastServe's GPT
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
 
     def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `positions` (T,) or (B, T), broadcastable over (B, H, T, D)."""
