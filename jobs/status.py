@@ -106,7 +106,7 @@ def training_status(folder: Path) -> None:
     target = starts[-1]["steps"] if starts else None
     done = metrics[-1]["step"] if metrics else 0
     last = latest_complete(folder)
-    exported = (folder / "export" / "fastserve.json").exists()
+    exported = any((folder / "export" / f).exists() for f in ("fastserve.json", "config.json"))
     click.echo(f"run folder   {folder} (training)")
     if starts:
         layout = starts[-1].get("layout") or {}

@@ -55,11 +55,14 @@ def plan_text(job) -> str:
 
     d = job.data
     label = d.label_column if m.arch == "classifier" else None
-    corpus = check_corpus(d.paths, d.text_column, label)  # footers only: no rows read
+    columns = tuple(c for c in (d.prompt_column, d.response_column, d.messages_column) if c)
+    text = None if columns else d.text_column  # instruction data has its own columns
+    corpus = check_corpus(d.paths, text, label, columns)  # footers only: no rows read
     out = Path(job.output.path)
     last = latest_complete(out) if out.is_dir() else None
     lines = [
-        f"corpus: {corpus['files']} files, {corpus['rows']} rows (text column {d.text_column!r}"
+        f"corpus: {corpus['files']} files, {corpus['rows']} rows ("
+        + (f"columns {', '.join(columns)}" if columns else f"text column {d.text_column!r}")
         + (f", labels {label!r}" if label else "")
         + ")",
         f"run folder: {out} ("

@@ -137,6 +137,10 @@ def test_instruction_losses_count_response_tokens_only_and_equal_over_layouts(wo
         t.strip() for t in sample_texts(120, seed=5, max_words=6)
     }
     assert answer[-1] == tok.eos_token_id  # the reply ends with eos, and only it counts
+    dry = run_cli("train", "--config", work / "instruct-single.toml", "--dry-run", cwd=work)
+    assert dry.returncode == 0 and "columns prompt, response" in dry.stdout, dry.stderr
+    status = run_cli("status", work / "instruct-single", check=True).stdout
+    assert "complete: exported" in status, status
     got = train(work, "instruct-pp2", "pp = 2", 2, data=INSTRUCT)
     assert got == pytest.approx(instruct, abs=1e-5)
 
