@@ -111,14 +111,17 @@ LAYOUTS = {
     "tp2": (2, {"tp": 2}),
     "pp2xdp2": (4, {"pp": 2, "dp": 2, "schedule": "1F1B"}),
     "pp2xtp2": (4, {"pp": 2, "tp": 2, "schedule": "1F1B"}),
+    # two passes of 4 rows each: torch's schedule once rescaled the earlier pass's gradients too
+    "pp2-accum2": (2, {"pp": 2, "schedule": "1F1B"}, {"grad_accum": 2}),
 }
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_parallel_losses_equal_single_process(workdir, reference, name):
-    n, parallel = LAYOUTS[name]
-    proc = train(job(workdir, name, parallel=parallel), n=n)
+    n, parallel, *loop = LAYOUTS[name]
+    loop_changes = {"train": {**BASE["train"], **loop[0]}} if loop else {}
+    proc = train(job(workdir, name, parallel=parallel, **loop_changes), n=n)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = losses(workdir / name)
     assert len(got) == len(reference) == 6
@@ -492,10 +495,20 @@ distributed_model = DistributedModel(model, strategy=sys.argv[1])
 distributed_model.fit(padded_sequences, labels, epochs=150, batch_size=8, lr=2e-2, warmup_steps=5)
 predictions = distributed_model.predict(padded_sequences)
 scores = distributed_model.evaluate(padded_sequences, labels)
+# a batch of another shape than fit's (the pipeline's stages learned fit's shapes)
+few = distributed_model.predict(padded_sequences[:3])
+# fit again goes on from the trained weights; a second model in the same process trains too
+distributed_model.fit(padded_sequences, labels, epochs=5, batch_size=8, lr=1e-3)
+again = distributed_model.predict(padded_sequences)
+other = DistributedModel(LSTMLM(LSTMConfig(vocab_size=len(vocab) + 1, n_layer=2, n_embd=32,
+                                           block_size=8)), strategy=sys.argv[1])
+other_losses = [m["loss"] for m in other.fit(padded_sequences, labels, epochs=3, batch_size=8)]
 if distributed_model.env.rank == 0:
     print(json.dumps({"next": [int(np.argmax(predictions[i])) for i in range(len(labels))],
                       "labels": labels.tolist(), "sums": predictions.sum(axis=1).tolist(),
-                      "scores": scores}))
+                      "scores": scores, "few": few.tolist(), "first": predictions[:3].tolist(),
+                      "again": [int(np.argmax(p)) for p in again],
+                      "other_losses": other_losses}))
 """
 
 
@@ -509,3 +522,8 @@ def test_the_founding_descriptions_example_predicts_the_next_word(workdir, strat
     assert out["next"] == out["labels"]  # every next word it was trained on
     assert out["sums"] == pytest.approx([1.0] * len(out["labels"]), abs=1e-5)
     assert out["scores"]["accuracy"] == 1.0 and out["scores"]["rows_per_s"] > 0
+    import numpy as np
+
+    np.testing.assert_allclose(out["few"], out["first"], atol=1e-6)
+    assert out["again"] == out["labels"]  # trained on, not started over
+    assert len(out["other_losses"]) == 9 and all(x == x for x in out["other_losses"])

@@ -44,6 +44,7 @@ class DistributedModel:
             schedule,
             microbatches,
         )
+        self.model_cls = type(model)  # before training wraps it
         self.trainer = None
         self.env = None
 
@@ -99,6 +100,11 @@ class DistributedModel:
         from .bootstrap import bootstrap
 
         self.env = self.env or bootstrap()
+        if self.trainer is not None:  # fit again: on from the trained weights (a new optimizer)
+            state = self.trainer.full_state(everyone=True)
+            self.model = self.model_cls(self.model.config)
+            self.model.load_state_dict(state, strict=True)
+            self.trainer = None
         dims = self._dims(self.env.world_size)
         cfg = self.model.config
         arrays = None
@@ -180,14 +186,15 @@ class DistributedModel:
             else:
                 # the last stage computes a loss: against targets that count nothing
                 dummy = torch.full(x.shape, -100, dtype=torch.long, device=x.device)
+                schedule = t.schedule_for(tuple(x.shape))
                 if t.is_first and t.is_last:
-                    out = t.schedule.eval(x, target=dummy, losses=[])
+                    out = schedule.eval(x, target=dummy, losses=[])
                 elif t.is_first:
-                    out = t.schedule.eval(x)
+                    out = schedule.eval(x)
                 elif t.is_last:
-                    out = t.schedule.eval(target=dummy, losses=[])
+                    out = schedule.eval(target=dummy, losses=[])
                 else:
-                    out = t.schedule.eval()
+                    out = schedule.eval()
         for c in t.chunks:
             c.train()
         mine = out.float().cpu().numpy()[:rows] if t.is_last and out is not None else None

@@ -144,11 +144,18 @@ def _abort_hook(comm, peers=()):
     return hook
 
 
+_JOINED: DistEnv | None = None  # a process joins once (a second DistributedModel reuses it)
+
+
 def bootstrap(timeout_s: float = 120, device: str = "auto") -> DistEnv:
     """Join MPI and torch.distributed; return who this rank is."""
+    global _JOINED
     import torch
     import torch.distributed as dist
     from mpi4py import MPI
+
+    if _JOINED is not None and dist.is_initialized():
+        return _JOINED
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -184,12 +191,15 @@ def bootstrap(timeout_s: float = 120, device: str = "auto") -> DistEnv:
         device_id=dev if use_cuda else None,
     )
     sys.excepthook = _abort_hook(comm, peers)  # after init_process_group, which replaces it
-    return DistEnv(rank, size, local_rank, dev, backend, comm, peers)
+    _JOINED = DistEnv(rank, size, local_rank, dev, backend, comm, peers)
+    return _JOINED
 
 
 def shutdown(env: DistEnv) -> None:
+    global _JOINED
     import torch.distributed as dist
 
+    _JOINED = None
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -86,6 +86,8 @@ class Trainer:
         by default the model is built from job.model and the seed. `data`: in-memory examples
         (instructions.ArrayData, from the Python API) instead of job.data's corpus."""
         self.job, self.env, self.given = job, env, model
+        # its class before parallelism wraps it (fully_shard swaps in a class of its own)
+        self.given_cls = type(model) if model is not None else None
         self.arrays = data
         # targets masked with -100 (instruction data, arrays): the loss is summed and scaled
         self.instruct = data is not None or bool(job.data.prompt_column or job.data.messages_column)
@@ -320,26 +322,13 @@ class Trainer:
         t = job.train
         self.optimizer = build_optimizer(self.named, t)
         self.scheduler = build_scheduler(self.optimizer, t)
+        # a pipeline's loss per micro-batch is its share of the batch's: they sum to the mean
+        self.mb = p.microbatches if p.pp > 1 else 1
         self.is_first = 0 in self.stage_ids
         self.is_last = (self.n_stages - 1) in self.stage_ids
-        self.schedule = None
-        if p.pp > 1:
-            from torch.distributed import pipelining as pl
-
-            stages = [
-                pl.PipelineStage(m, s, self.n_stages, env.device, group=self.pp_group)
-                for m, s in zip(runnable, self.stage_ids, strict=True)
-            ]
-            cls = {
-                "GPipe": pl.ScheduleGPipe,
-                "1F1B": pl.Schedule1F1B,
-                "Interleaved1F1B": pl.ScheduleInterleaved1F1B,
-            }[p.schedule]
-            self.schedule = cls(
-                stages if p.schedule == "Interleaved1F1B" else stages[0],
-                n_microbatches=p.microbatches,
-                loss_fn=self._loss,
-            )
+        self.runnable = runnable
+        self.schedule = self.new_schedule() if p.pp > 1 else None
+        self.eval_schedules: dict = {}  # the API's predict: one per input shape (see schedule_for)
         self.model = runnable[0]
         self.layout = {
             "dp": p.dp,
@@ -349,25 +338,54 @@ class Trainer:
             "arch": job.model.arch,
         }
 
+    def new_schedule(self):
+        """A pipeline schedule over this rank's stages. Its stages learn the tensor shapes of
+        their first step and keep them: a batch of another shape needs a schedule of its own."""
+        from torch.distributed import pipelining as pl
+
+        p = self.job.parallel
+        stages = [
+            pl.PipelineStage(m, s, self.n_stages, self.env.device, group=self.pp_group)
+            for m, s in zip(self.runnable, self.stage_ids, strict=True)
+        ]
+        cls = {
+            "GPipe": pl.ScheduleGPipe,
+            "1F1B": pl.Schedule1F1B,
+            "Interleaved1F1B": pl.ScheduleInterleaved1F1B,
+        }[p.schedule]
+        return cls(
+            stages if p.schedule == "Interleaved1F1B" else stages[0],
+            n_microbatches=p.microbatches,
+            loss_fn=self._loss,
+            # _loss divides by the micro-batches itself: the schedule's own scaling divides
+            # the whole .grad, which holds the earlier passes of gradient accumulation too
+            scale_grads=False,
+        )
+
+    def schedule_for(self, shape: tuple):
+        """The evaluation schedule for inputs of `shape` (every rank asks for the same)."""
+        if shape not in self.eval_schedules:
+            self.eval_schedules[shape] = self.new_schedule()
+        return self.eval_schedules[shape]
+
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if logits.dim() == 2:  # classifier: (B, labels) against (B,)
             if self.counting is not None:
                 self.counting[0] += int((logits.argmax(-1) == targets).sum())
                 self.counting[1] += len(targets)
-            return F.cross_entropy(logits.float(), targets)
+            return F.cross_entropy(logits.float(), targets) / self.mb
         if self.instruct:  # response tokens only: summed, scaled to the step's token mean
             ce = F.cross_entropy(
                 logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
             )
             return ce * self.loss_scale
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / self.mb
 
     def _scale_for(self, tokens: int, passes: int = 1) -> float:
         """Each micro-batch's summed loss times this is the mean over the `tokens` response
-        tokens of the whole step, after what the layout does to gradients: the pipeline schedule
-        averages its micro-batches, data parallelism its ranks, and train_step its passes."""
-        microbatches = self.job.parallel.microbatches if self.dims.pp > 1 else 1
-        return self.dims.dp * microbatches * passes / max(1, tokens)
+        tokens of the whole step, after what the layout does to gradients: data parallelism
+        averages its ranks, and train_step its passes (micro-batches are summed)."""
+        return self.dims.dp * passes / max(1, tokens)
 
     def _autocast(self):
         prec = self.job.train.precision
@@ -396,7 +414,7 @@ class Trainer:
             else:
                 self.schedule.step()
         return (
-            torch.stack(losses).mean().detach()
+            torch.stack(losses).sum().detach()  # each is its micro-batch's share (see _loss)
             if losses
             else torch.zeros((), device=self.env.device)
         )
@@ -462,7 +480,7 @@ class Trainer:
                     else:
                         self.schedule.eval()
                     loss = (
-                        torch.stack(out).mean() if out else torch.zeros((), device=self.env.device)
+                        torch.stack(out).sum() if out else torch.zeros((), device=self.env.device)
                     )
             losses.append(self._global_loss(loss))
         correct, total = self.counting
@@ -611,24 +629,33 @@ class Trainer:
 
     # -- export --------------------------------------------------------------------------------
 
-    def export(self, folder: Path) -> Path | None:
-        """One consolidated FastServe checkpoint (rank 0 writes it; every rank takes part)."""
+    def full_state(self, everyone: bool = False) -> dict | None:
+        """The whole model's tensors (fp32, CPU) by name, assembled from every stage and shard:
+        on rank 0 (None elsewhere), or on every rank. A collective: every rank calls it."""
         import numpy as np
         from torch.distributed.tensor import DTensor
-
-        from ..models.checkpoint import save_checkpoint
 
         full = {}
         for name, q in self.named:
             t = q.full_tensor() if isinstance(q, DTensor) else q  # collective over q's mesh
             full[name] = t.detach().float().cpu().numpy()
         mine = full if (self.dp_rank == 0 and self.tp_rank == 0) else {}
-        gathered = self.env.comm.gather(mine, root=0)  # in memory, between ranks: no file
-        if self.env.rank != 0:
+        comm = self.env.comm  # in memory, between ranks: no file
+        parts = comm.allgather(mine) if everyone else comm.gather(mine, root=0)
+        if parts is None:
             return None
         state = {}
-        for part in gathered:
+        for part in parts:
             state.update({k: torch.from_numpy(np.asarray(v)) for k, v in part.items()})
+        return state
+
+    def export(self, folder: Path) -> Path | None:
+        """One consolidated FastServe checkpoint (rank 0 writes it; every rank takes part)."""
+        from ..models.checkpoint import save_checkpoint
+
+        state = self.full_state()
+        if state is None:
+            return None
         # the trained model's own class and config (one given through the API may differ from
         # what the job's [model] table describes: bias=False, say)
         if self.init_from:  # back to a Hugging Face folder
@@ -643,7 +670,7 @@ class Trainer:
                      "init_from": str(self.init_from)}  # fmt: skip
             return export_hf(model, self.init_from, folder, extra)
         model = (
-            type(self.given)(self.given.config)
+            self.given_cls(self.given.config)
             if self.given is not None
             else build_model(self.job.model, self.vocab_size, self.job.train.seed, self.labels)
         )
