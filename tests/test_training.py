@@ -281,7 +281,7 @@ def _gen_toml(workdir):
 API_SCRIPT = """
 import json, sys
 from fastserve.pipeline.testing import infer_args, write_corpus
-from fastserve.pipeline.distributed.api import DistributedModel
+from fastserve.pipeline.training.api import DistributedModel
 from fastserve.pipeline.models.gpt import GPT, GPTConfig
 import torch
 torch.manual_seed(0)
@@ -476,7 +476,7 @@ KERAS_SCRIPT = """
 import json, sys
 import numpy as np
 import torch
-from fastserve.pipeline.distributed.api import DistributedModel
+from fastserve.pipeline.training.api import DistributedModel
 from fastserve.pipeline.models.lstm import LSTMConfig, LSTMLM
 
 sentences = ["the cat sat on the mat", "a dog ran in the park", "my bird sang at dawn",

@@ -1,7 +1,7 @@
 """The Python API: a model and a strategy in, a trained model out, over the same machinery as
 `fastserve train` (run the script under `mpiexec -n N`; every rank runs the same lines).
 
-    from fastserve.pipeline.distributed.api import DistributedModel
+    from fastserve.pipeline.training.api import DistributedModel
     from fastserve.pipeline.models.lstm import LSTMConfig, LSTMLM
 
     # in-memory arrays, as Keras takes them: token ids and the next word of each row
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .parallel_dims import ParallelDims
+from ..distributed.parallel_dims import ParallelDims
 
 STRATEGIES = ("data_parallel", "multi_gpu", "pipeline", "tensor", "auto")
 
@@ -87,7 +87,8 @@ class DistributedModel:
         over the rows; or `x` a Parquet corpus path with `steps` and `seq_len`."""
         import math
 
-        from ..training.config import (
+        from ..distributed.bootstrap import bootstrap
+        from .config import (
             ParallelConfig,
             TrainDataConfig,
             TrainJob,
@@ -96,8 +97,7 @@ class DistributedModel:
             TrainOutputConfig,
             check,
         )
-        from ..training.trainer import Trainer
-        from .bootstrap import bootstrap
+        from .trainer import Trainer
 
         self.env = self.env or bootstrap()
         if self.trainer is not None:  # fit again: on from the trained weights (a new optimizer)
@@ -115,7 +115,7 @@ class DistributedModel:
             if steps is None or seq_len is None:
                 raise TypeError("fit(corpus, ...) takes steps= and seq_len= as well")
         else:
-            from ..training.instructions import ArrayData
+            from .instructions import ArrayData
 
             arrays = ArrayData(x, y, validation_split, seed)
             paths, seq_len = ("<in-memory arrays>",), arrays.ids.shape[1] - 1
