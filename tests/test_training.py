@@ -439,6 +439,7 @@ def test_user_mistakes_in_a_training_job_are_one_line(workdir):
 def test_the_token_cache_follows_its_corpus(workdir):
     cfg = job(workdir, "cache", train={**BASE["train"], "steps": 2})
     assert train(cfg).returncode == 0
+    first_tokenizer = (workdir / "cache" / "tokenizer.json").read_text()
     other = job(workdir, "cache", data={**BASE["data"], "vocab_size": 400})
     proc = train(other)  # checkpoints of the old vocabulary: refused, not silently mixed
     assert proc.returncode == 2, proc.stderr
@@ -448,6 +449,15 @@ def test_the_token_cache_follows_its_corpus(workdir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "changed since the token cache was made: rebuilding it" in proc.stderr
     assert json.loads((workdir / "cache" / "data" / "source.json").read_text())["vocab_size"] == 400
+    # a tokenizer given by path is known by its content: rewritten in place, it is news
+    given = workdir / "given-tokenizer.json"
+    given.write_text(first_tokenizer)
+    cfg = job(workdir, "cache-given", data={**BASE["data"], "tokenizer": str(given)},
+              train={**BASE["train"], "steps": 2})  # fmt: skip
+    assert train(cfg).returncode == 0
+    given.write_text((workdir / "cache" / "tokenizer.json").read_text())
+    proc = train(cfg)
+    assert proc.returncode == 2 and "tokenizer_sha256 changed since" in proc.stderr, proc.stderr
 
 
 def test_weight_decay_spares_biases_norms_and_embeddings():

@@ -218,6 +218,8 @@ class Trainer:
             "vocab_size": None if tokenizer else d.vocab_size,
             "seq_len": d.seq_len if classifier or self.instruct else None,
             "instructions": list(columns) or None,
+            # what the tokens are made with, by content: a template edited in place counts
+            "tokenizer_sha256": _tokenizer_digest(tokenizer, self.init_from),
         }
         source_file = run / "data" / "source.json"
         if tokens_file.exists():
@@ -225,9 +227,11 @@ class Trainer:
                 source_file.write_text(json.dumps(source))
                 return
             made = json.loads(source_file.read_text())
-            if made == source:
+            # a key the cache's record lacks was not recorded then (an older FastServe): not news
+            changed = ", ".join(k for k in source if k in made and made[k] != source[k])
+            if not changed:
+                source_file.write_text(json.dumps(source))
                 return
-            changed = ", ".join(k for k in source if made.get(k) != source[k])
             if ckpt.latest_complete(run) is not None:
                 raise ConfigError(
                     f"{run}: its checkpoints were trained on other data ({changed} changed since); "
@@ -682,6 +686,22 @@ class Trainer:
             {"pad": "<pad>", "eos": "<|endoftext|>", "bos": "<|endoftext|>"},
             extra={"trained_with": asdict(self.job.parallel), "steps": self.job.train.steps},
         )
+
+
+def _tokenizer_digest(tokenizer: str | None, init_from: str | None) -> str | None:
+    """sha256 over the files that decide the tokens: the tokenizer, and a Hugging Face folder's
+    tokenizer config and chat template (eos, the template that renders messages)."""
+    import hashlib
+
+    if not tokenizer:
+        return None
+    files = [Path(tokenizer)]
+    if init_from:
+        files += [Path(init_from) / n for n in ("tokenizer_config.json", "chat_template.jinja")]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"-") + b"\0")
+    return h.hexdigest()
 
 
 def trim_metrics(path: Path, start: int) -> None:
