@@ -537,3 +537,46 @@ def test_the_founding_descriptions_example_predicts_the_next_word(workdir, strat
     np.testing.assert_allclose(out["few"], out["first"], atol=1e-6)
     assert out["again"] == out["labels"]  # trained on, not started over
     assert len(out["other_losses"]) == 9 and all(x == x for x in out["other_losses"])
+
+
+# (saved at, ranks) -> (resumed at, ranks): DCP checkpoints resume at any layout
+RELAYOUTS = {
+    "pp2xdp2-to-tp2": ((4, {"pp": 2, "dp": 2}), (2, {"tp": 2})),
+    "pp2xtp2-to-one": ((4, {"pp": 2, "tp": 2}), (1, {})),
+    "one-to-pp2-interleaved": (
+        (1, {}),
+        (2, {"pp": 2, "schedule": "Interleaved1F1B", "stages_per_rank": 2}),
+    ),
+    "dp2-ddp-to-pp2": ((2, {"dp": 2, "dp_mode": "ddp"}), (2, {"pp": 2})),
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", list(RELAYOUTS))
+def test_a_checkpoint_resumes_at_another_layout(workdir, reference, name):
+    (n1, saved_at), (n2, resumed_at) = RELAYOUTS[name]
+    every = {"checkpoint": {"every": 3}}
+    stopped = train(job(workdir, name, parallel=saved_at, **every), n=n1, fault="0:3:raise")
+    assert stopped.returncode != 0  # ended at the start of step 4, after the checkpoint of 3
+    ckpt = workdir / name / "checkpoints" / "step-000003"
+    assert (ckpt / "COMPLETE").exists() and not list(ckpt.glob("*.distcp"))  # safetensors only
+    resumed = train(job(workdir, name, parallel=resumed_at, **every), n=n2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "steps 3 -> 6 (resumed)" in resumed.stderr
+    assert ("resumed at a new layout" in resumed.stderr) == (saved_at != resumed_at)
+    # the curve goes on as an uninterrupted run's (every layout equals one process)
+    assert losses(workdir / name) == pytest.approx(reference, abs=1e-5)
+
+
+@pytest.mark.mpi
+def test_a_checkpoint_of_another_model_or_batch_size_is_refused_in_one_line(workdir):
+    cfg = job(workdir, "other-model", train={**BASE["train"], "steps": 2})
+    assert train(cfg).returncode == 0
+    wider = {**BASE["model"], "n_embd": 48}
+    proc = train(job(workdir, "other-model", model=wider, train={**BASE["train"], "steps": 4}))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "holds another model: wte.weight is [320, 32] there, [320, 48] here" in proc.stderr
+    bigger = {**BASE["train"], "steps": 4, "batch_size": 16}
+    proc = train(job(workdir, "other-model", train=bigger))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "saved with train.batch_size = 8, this run has 16" in proc.stderr

@@ -1,11 +1,22 @@
-"""Sharded training checkpoints, safetensors only; and the consolidated export.
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP), in safetensors; and
+resuming at another layout.
 
-    <run>/checkpoints/step-000050/rank-00000.safetensors   this rank's model and optimizer tensors
-    <run>/checkpoints/step-000050/rank-00000.json          step, layout, scheduler state
-    <run>/checkpoints/step-000050/COMPLETE                 written by rank 0 after every rank saved
+    <run>/checkpoints/step-000050/shard-00001-model-00001-of-00001.safetensors   rank 0's share
+    <run>/checkpoints/step-000050/shard-00002-model-00001-of-00001.safetensors   rank 1's share …
+    <run>/checkpoints/step-000050/state.json     step, layout, batch size, scheduler (rank 0)
+    <run>/checkpoints/step-000050/COMPLETE       written by rank 0 after every rank saved
 
-A checkpoint without COMPLETE is ignored (a kill mid-save); resume takes the latest complete one,
-on the same layout (dp, tp, pp) it was saved with. No pickle is written or read.
+Every rank writes the tensors it holds (`model/<name>`, `optim/exp_avg/<name>`, …) with their
+place in the whole tensor (DCP's sharding offsets, in each file's safetensors header);
+replicated tensors are written once. A run resumes at any layout (dp, tp, pp, stages per rank,
+FSDP or DDP): each rank asks DCP for its own stages and shards, and reads only those slices.
+The data position is the step (batches are a pure function of seed and step). DCP's writer and
+reader for the Hugging Face format keep everything in safetensors and JSON: no pickle is
+written or read (DCP's default format pickles its metadata).
+
+A checkpoint without COMPLETE is ignored (a kill mid-save); resume takes the latest complete
+one. Folders written before DCP (rank-00000.safetensors + rank-00000.json per rank) still resume
+at the layout they were saved with.
 """
 
 from __future__ import annotations
@@ -16,15 +27,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import ConfigError
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return (t.to_local() if isinstance(t, DTensor) else t).detach().contiguous().cpu()
+STATE = "state.json"
 
 
 def step_dir(run: Path, step: int) -> Path:
@@ -36,26 +43,45 @@ def latest_complete(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_shard(
-    run: Path, step: int, rank: int, named_params, optimizer, scheduler, layout: dict
-) -> None:
-    """This rank's share of the checkpoint at `step` (called by every rank)."""
-    tensors = {}
+def _optimizer_state(p, optimizer, create: bool) -> dict:
+    """AdamW's state of parameter `p`; made (zeros) when `create` and the optimizer has not
+    stepped yet, for DCP to load into."""
+    state = optimizer.state[p]
+    if create and "exp_avg" not in state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def state_dict(named_params, optimizer, create: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's tensors by checkpoint key: parameters (DTensors keep their placements, so DCP
+    knows each one's place in the whole) and the optimizer's moments and step count."""
+    out: dict[str, torch.Tensor] = {}
     for name, p in named_params:
-        tensors[f"model/{name}"] = _local(p)
-        state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
+        out[f"model/{name}"] = p
+        state = _optimizer_state(p, optimizer, create)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in state:
-                tensors[f"optim/{key}/{name}"] = _local(state[key])
-        if "step" in state:
-            tensors[f"optim/step/{name}"] = _local(
-                torch.as_tensor(state["step"], dtype=torch.float32)
-            ).reshape(1)
+                out[f"optim/{key}/{name}"] = state[key]
+    return out
+
+
+def save(run: Path, step: int, rank: int, named_params, optimizer, scheduler, meta: dict) -> None:
+    """Every rank: its share of the checkpoint of `step` (a collective). Rank 0 also writes
+    state.json. Not complete until mark_complete."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
     d = step_dir(run, step)
     d.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(d / f"rank-{rank:05d}.safetensors"))
-    meta = {"step": step, "layout": layout, "scheduler": scheduler.state_dict()}
-    (d / f"rank-{rank:05d}.json").write_text(json.dumps(meta, sort_keys=True, default=float))
+    dcp.save(
+        state_dict(named_params, optimizer),
+        storage_writer=HuggingFaceStorageWriter(str(d), save_distributed=True),
+    )
+    if rank == 0:
+        info = {"format": "dcp", "step": step, **meta, "scheduler": scheduler.state_dict()}
+        (d / STATE).write_text(json.dumps(info, sort_keys=True, default=float))
 
 
 def mark_complete(run: Path, step: int, keep: int) -> None:
@@ -70,25 +96,60 @@ def mark_complete(run: Path, step: int, keep: int) -> None:
             print(f"fastserve: could not remove old checkpoint {old}: {e}", file=sys.stderr)
 
 
-def load_shard(d: Path, rank: int, named_params, optimizer, scheduler, layout: dict) -> int:
-    """Restore this rank's tensors from checkpoint folder `d`; return the step to resume after."""
-    meta = json.loads((d / f"rank-{rank:05d}.json").read_text())
-    if meta["layout"] != layout:
+def saved_layout(d: Path) -> dict | None:
+    """The layout checkpoint folder `d` was saved with (None: unreadable)."""
+    try:
+        if (d / STATE).exists():
+            return json.loads((d / STATE).read_text())["layout"]
+        return json.loads((d / "rank-00000.json").read_text())["layout"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def load(d: Path, rank: int, named_params, optimizer, scheduler, meta: dict) -> int:
+    """Restore this rank's stages and shards from checkpoint folder `d`, whatever layout saved it;
+    return the step to resume after (every rank calls it: DCP's load is a collective)."""
+    if not (d / STATE).exists():
+        return _load_legacy(d, rank, named_params, optimizer, scheduler, meta["layout"])
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    info = json.loads((d / STATE).read_text())
+    for key, what in (("batch_size", "train.batch_size"), ("arch", "model.arch")):
+        if info.get(key) != meta.get(key):
+            raise ConfigError(
+                f"checkpoint {d} was saved with {what} = {info.get(key)}, this run has "
+                f"{meta.get(key)}: the steps and data position it counts are in its own terms; "
+                f"keep {what} = {info.get(key)}, or start a new output folder"
+            )
+    wanted = state_dict(named_params, optimizer, create=True)
+    reader = HuggingFaceStorageReader(str(d))
+    _check_same_model(d, reader.read_metadata(), wanted)
+    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(d)))
+    _restore_scheduler(optimizer, scheduler, info["scheduler"])
+    return int(info["step"])
+
+
+def _check_same_model(d: Path, saved, wanted: dict) -> None:
+    """One message when the checkpoint holds another model (not DCP's own assertion)."""
+    have = saved.state_dict_metadata
+    problems = []
+    for key, t in wanted.items():
+        if not key.startswith("model/"):
+            continue
+        if key not in have:
+            problems.append(f"{key[6:]} is not in it")
+        elif tuple(have[key].size) != tuple(t.shape):
+            problems.append(f"{key[6:]} is {list(have[key].size)} there, {list(t.shape)} here")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ConfigError(
-            f"checkpoint {d} was saved with layout {meta['layout']}, this run is {layout}; "
-            "resume with the same parallel settings, or start a new output folder"
+            f"checkpoint {d} holds another model: {'; '.join(problems[:3])}{more}; resume with "
+            "the [model] it was trained with, or start a new output folder"
         )
-    tensors = load_file(str(d / f"rank-{rank:05d}.safetensors"))
-    with torch.no_grad():
-        for name, p in named_params:
-            _target(p).copy_(tensors[f"model/{name}"])
-            if f"optim/exp_avg/{name}" in tensors:
-                state = optimizer.state[p]
-                state["step"] = torch.tensor(float(tensors[f"optim/step/{name}"][0]))
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[key] = torch.zeros_like(p)
-                    _target(state[key]).copy_(tensors[f"optim/{key}/{name}"])
-    saved = meta["scheduler"]
+
+
+def _restore_scheduler(optimizer, scheduler, saved: dict) -> None:
     groups = len(optimizer.param_groups)
     if len(saved.get("base_lrs", [])) != groups:  # saved with one group (before decay groups)
         saved = {**saved, "base_lrs": saved["base_lrs"][:1] * groups,
@@ -97,10 +158,32 @@ def load_shard(d: Path, rank: int, named_params, optimizer, scheduler, layout: d
     # The scheduler's state says where it was; the optimizer must be told the rate it had set.
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
+
+
+def _load_legacy(d: Path, rank: int, named_params, optimizer, scheduler, layout: dict) -> int:
+    """A checkpoint from before DCP: per-rank files, resumable at its own layout only."""
+    meta = json.loads((d / f"rank-{rank:05d}.json").read_text())
+    if meta["layout"] != layout:
+        raise ConfigError(
+            f"checkpoint {d} was saved with layout {meta['layout']} by an earlier FastServe, "
+            f"whose checkpoints resume at their own layout only; this run is {layout}: resume "
+            "with the same parallel settings, or start a new output folder"
+        )
+    tensors = load_file(str(d / f"rank-{rank:05d}.safetensors"))
+    with torch.no_grad():
+        for name, p in named_params:
+            _local(p).copy_(tensors[f"model/{name}"])
+            if f"optim/exp_avg/{name}" in tensors:
+                state = optimizer.state[p]
+                state["step"] = torch.tensor(float(tensors[f"optim/step/{name}"][0]))
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = torch.zeros_like(p)
+                    _local(state[key]).copy_(tensors[f"optim/{key}/{name}"])
+    _restore_scheduler(optimizer, scheduler, meta["scheduler"])
     return int(meta["step"])
 
 
-def _target(t: torch.Tensor) -> torch.Tensor:
+def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t

@@ -498,10 +498,16 @@ class Trainer:
 
     # -- checkpoints and signals ---------------------------------------------------------------
 
+    def _checkpoint_meta(self) -> dict:
+        """What a checkpoint must agree with to be resumed (the layout itself may change)."""
+        return {"layout": self.layout, "arch": self.job.model.arch,
+                "batch_size": self.job.train.batch_size}  # fmt: skip
+
     def save(self, step: int) -> None:
-        ckpt.save_shard(
-            self.run, step, self.env.rank, self.named, self.optimizer, self.scheduler, self.layout
-        )
+        ckpt.save(
+            self.run, step, self.env.rank, self.named, self.optimizer, self.scheduler,
+            self._checkpoint_meta(),
+        )  # fmt: skip
         for hook in HOOKS["saved_shard"]:
             hook(self, step)
         self.env.comm.Barrier()
@@ -514,8 +520,9 @@ class Trainer:
         d = ckpt.latest_complete(self.run)
         if d is None:
             return 0
-        return ckpt.load_shard(
-            d, self.env.rank, self.named, self.optimizer, self.scheduler, self.layout
+        self.resumed_layout = ckpt.saved_layout(d)
+        return ckpt.load(
+            d, self.env.rank, self.named, self.optimizer, self.scheduler, self._checkpoint_meta()
         )
 
     def install_signal_handlers(self) -> None:
@@ -620,6 +627,12 @@ class Trainer:
             ),
             f"steps {start} -> {self.job.train.steps}" + (" (resumed)" if start else ""),
         ]
+        was = getattr(self, "resumed_layout", None)
+        if start and was and was != self.layout:
+            lines.append(
+                f"resumed at a new layout: saved at dp={was.get('dp')} tp={was.get('tp')} "
+                f"pp={was.get('pp')}, each rank read its own stages and shards of it"
+            )
         return "\n".join(lines)
 
     @staticmethod
