@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -124,3 +126,69 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None) -
         for g in grads:
             g.mul_(coef)  # a Python scalar: works for DTensor and plain gradients alike
     return torch.tensor(total)
+
+
+@dataclass
+class Parallelized:
+    """One rank's part of a model, as parallelize() made it."""
+
+    chunks: list[nn.Module]
+    """This rank's stage chunks, unwrapped: their parameter names are the whole model's."""
+    runnable: list[nn.Module]
+    """What runs: the chunks, or their DDP wrappers."""
+    stage_ids: list[int]
+    n_stages: int
+    mesh: object
+    """The ('pp', 'dp', 'tp') DeviceMesh: always built, one process included."""
+    coords: dict[str, int] = field(default_factory=dict)
+    """This rank's place on each mesh dimension."""
+    pp_group: object = None
+    """The pipeline's process group (None without pipeline stages)."""
+
+    @property
+    def is_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def is_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+
+def parallelize(
+    model: nn.Module,
+    dims,
+    mesh,
+    cfg,
+    device,
+    load_weights: Callable[[nn.Module], None] | None = None,
+) -> Parallelized:
+    """Split `model` over the mesh in the fixed order: pipeline stages, then tensor parallelism,
+    then data parallelism (FSDP2 or DDP, `cfg.dp_mode`). `cfg`: the [parallel] table (pp,
+    stages_per_rank, dp_mode). `load_weights(chunk)`: for a model built on the meta device, fills
+    one stage chunk's tensors on `device` (each stage reads only its own); otherwise chunks are
+    moved to `device`."""
+    pp_rank, dp_rank, tp_rank = (mesh[d].get_local_rank() for d in ("pp", "dp", "tp"))
+    n_stages = dims.pp * cfg.stages_per_rank
+    stage_ids = rank_stages(pp_rank, dims.pp, cfg.stages_per_rank) if dims.pp > 1 else [0]
+    chunks = [split_stage(model, s, n_stages) if dims.pp > 1 else model for s in stage_ids]
+    for c in chunks:
+        if load_weights is not None:
+            load_weights(c)
+        c.to(device)
+        if dims.tp > 1:
+            apply_tp(c, mesh["tp"])
+    runnable = chunks
+    if dims.dp > 1 and cfg.dp_mode == "fsdp":
+        for c in chunks:
+            apply_fsdp(c, mesh["dp"], pipelined=dims.pp > 1)
+    elif dims.dp > 1:
+        runnable = [apply_ddp(c, mesh["dp"].get_group(), device) for c in chunks]
+    return Parallelized(
+        chunks=chunks,
+        runnable=runnable,
+        stage_ids=stage_ids,
+        n_stages=n_stages,
+        mesh=mesh,
+        coords={"pp": pp_rank, "dp": dp_rank, "tp": tp_rank},
+        pp_group=mesh["pp"].get_group() if dims.pp > 1 else None,
+    )

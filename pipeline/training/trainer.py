@@ -26,15 +26,7 @@ import torch.nn.functional as F
 
 from ..distributed.bootstrap import DistEnv
 from ..distributed.parallel_dims import ParallelDims
-from ..distributed.parallelize import (
-    apply_ddp,
-    apply_fsdp,
-    apply_tp,
-    clip_grad_norm,
-    rank_stages,
-    split_stage,
-    stage_layers,
-)
+from ..distributed.parallelize import clip_grad_norm, parallelize, stage_layers
 from ..errors import ConfigError
 from . import checkpoints as ckpt
 from .config import TrainJob
@@ -295,45 +287,35 @@ class Trainer:
                 if self.given is not None
                 else build_model(job.model, self.vocab_size, job.train.seed, self.labels)
             )
-        mesh = dims.build_mesh(env.device.type) if env.world_size > 1 else None
-        self.pp_rank = mesh["pp"].get_local_rank() if mesh else 0
-        self.dp_rank = mesh["dp"].get_local_rank() if mesh else 0
-        self.tp_rank = mesh["tp"].get_local_rank() if mesh else 0
-        self.pp_group = mesh["pp"].get_group() if mesh and p.pp > 1 else None
-        self.n_stages = p.pp * p.stages_per_rank
-        self.stage_ids = rank_stages(self.pp_rank, p.pp, p.stages_per_rank) if p.pp > 1 else [0]
-        chunks = [
-            split_stage(self.full, s, self.n_stages) if p.pp > 1 else self.full
-            for s in self.stage_ids
-        ]
-        for c in chunks:
-            if self.init_from:
-                from ..models.hf_format import materialize
+        load = None
+        if self.init_from:
+            from ..models.hf_format import materialize
 
-                materialize(c, self.init_from, env.device)
-            c.to(env.device)
-            if p.tp > 1:
-                apply_tp(c, mesh["tp"])
-        self.chunks = chunks  # unwrapped modules: their parameter names are the full model's
-        runnable = chunks
-        if p.dp > 1 and p.dp_mode == "fsdp":
-            for c in chunks:
-                apply_fsdp(c, mesh["dp"], pipelined=p.pp > 1)
-        elif p.dp > 1:
-            runnable = [apply_ddp(c, mesh["dp"].get_group(), env.device) for c in chunks]
-        self.named = [(n, q) for c in chunks for n, q in c.named_parameters()]
+            def load(chunk):
+                materialize(chunk, self.init_from, env.device)
+
+        parts = parallelize(
+            self.full, dims, dims.build_mesh(env.device.type), p, env.device, load_weights=load
+        )
+        self.pp_rank, self.dp_rank, self.tp_rank = (parts.coords[d] for d in ("pp", "dp", "tp"))
+        self.pp_group, self.n_stages, self.stage_ids = (
+            parts.pp_group,
+            parts.n_stages,
+            parts.stage_ids,
+        )
+        self.chunks = parts.chunks  # unwrapped: their parameter names are the whole model's
+        self.runnable = parts.runnable
+        self.is_first, self.is_last = parts.is_first, parts.is_last
+        self.named = [(n, q) for c in self.chunks for n, q in c.named_parameters()]
         self.params = [q for _, q in self.named]
         t = job.train
         self.optimizer = build_optimizer(self.named, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         # a pipeline's loss per micro-batch is its share of the batch's: they sum to the mean
         self.mb = p.microbatches if p.pp > 1 else 1
-        self.is_first = 0 in self.stage_ids
-        self.is_last = (self.n_stages - 1) in self.stage_ids
-        self.runnable = runnable
         self.schedule = self.new_schedule() if p.pp > 1 else None
         self.eval_schedules: dict = {}  # the API's predict: one per input shape (see schedule_for)
-        self.model = runnable[0]
+        self.model = self.runnable[0]
         self.layout = {
             "dp": p.dp,
             "tp": p.tp,
