@@ -66,7 +66,7 @@ def plan_text(job) -> str:
         + (f", labels {label!r}" if label else "")
         + ")",
         f"run folder: {out} ("
-        + (f"resumes from {last.name}" if last else "exists" if out.is_dir() else "new")
+        + (_resume_text(last, p) if last else "exists" if out.is_dir() else "new")
         + ")",
         f"world size {p.dp * p.tp * p.pp} = dp {p.dp} x tp {p.tp} x pp {p.pp}  (launch: mpiexec -n {p.dp * p.tp * p.pp})",
         f"model {m.arch}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters"
@@ -100,6 +100,20 @@ def plan_text(job) -> str:
             f"data parallel: {p.dp_mode}, {job.train.batch_size // p.dp} sequences per rank per step"
         )
     return "\n".join(lines)
+
+
+def _resume_text(last: Path, p) -> str:
+    """Where a run folder resumes, and whether the checkpoint is re-sharded to this layout."""
+    from fastserve.pipeline.training.checkpoints import STATE, saved_layout
+
+    was = saved_layout(last) or {}
+    now = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "stages_per_rank": p.stages_per_rank}
+    if all(was.get(k) == v for k, v in now.items()):
+        return f"resumes from {last.name}"
+    saved = f"saved at dp={was.get('dp')} tp={was.get('tp')} pp={was.get('pp')}"
+    if not (last / STATE).exists():
+        return f"resumes from {last.name}: {saved} by an earlier FastServe, refused at this layout"
+    return f"resumes from {last.name}, {saved}: each rank reads its share at this layout"
 
 
 @click.command()

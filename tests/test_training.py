@@ -560,7 +560,11 @@ def test_a_checkpoint_resumes_at_another_layout(workdir, reference, name):
     assert stopped.returncode != 0  # ended at the start of step 4, after the checkpoint of 3
     ckpt = workdir / name / "checkpoints" / "step-000003"
     assert (ckpt / "COMPLETE").exists() and not list(ckpt.glob("*.distcp"))  # safetensors only
-    resumed = train(job(workdir, name, parallel=resumed_at, **every), n=n2)
+    cfg = job(workdir, name, parallel=resumed_at, **every)
+    dry = run_cli("train", "--config", cfg, "--dry-run", cwd=workdir).stdout
+    assert "resumes from step-000003" in dry
+    assert ("each rank reads its share at this layout" in dry) == (saved_at != resumed_at)
+    resumed = train(cfg, n=n2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "steps 3 -> 6 (resumed)" in resumed.stderr
     assert ("resumed at a new layout" in resumed.stderr) == (saved_at != resumed_at)
@@ -580,3 +584,28 @@ def test_a_checkpoint_of_another_model_or_batch_size_is_refused_in_one_line(work
     proc = train(job(workdir, "other-model", train=bigger))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "saved with train.batch_size = 8, this run has 16" in proc.stderr
+
+
+def test_the_api_names_ids_outside_the_vocabulary_and_makes_its_output_folder(workdir):
+    script = """
+import numpy as np
+from fastserve.pipeline.training.api import DistributedModel
+from fastserve.pipeline.models.gpt import GPT, GPTConfig
+from fastserve.pipeline.models.lstm import LSTMConfig, LSTMLM
+dm = DistributedModel(GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8)))
+try:
+    dm.fit(np.full((4, 5), 60), np.zeros(4, dtype=int), epochs=1, batch_size=2)
+except ValueError as e:
+    print("refused:", e)
+lm = DistributedModel(LSTMLM(LSTMConfig(vocab_size=20, n_layer=1, n_embd=8, block_size=8)))
+lm.fit(np.ones((4, 5), dtype=int), np.ones(4, dtype=int), epochs=1, batch_size=2,
+       output="api-new/run")
+print("trained")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=ENV,
+        cwd=workdir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: x holds token id 60 (row 0); the model's vocab_size is 50" in proc.stdout
+    assert "trained" in proc.stdout and (workdir / "api-new" / "run" / "metrics.jsonl").exists()

@@ -115,9 +115,14 @@ class DistributedModel:
             if steps is None or seq_len is None:
                 raise TypeError("fit(corpus, ...) takes steps= and seq_len= as well")
         else:
+            from ..registry import ARCHS
             from .instructions import ArrayData
 
-            arrays = ArrayData(x, y, validation_split, seed)
+            # an LSTM reads rows of any length; a transformer's positions end at block_size
+            limit = cfg.block_size if ARCHS[self.model.arch].attention else None
+            arrays = ArrayData(
+                x, y, validation_split, seed, vocab_size=cfg.vocab_size, block_size=limit
+            )
             paths, seq_len = ("<in-memory arrays>",), arrays.ids.shape[1] - 1
             steps = steps or epochs * math.ceil(len(arrays.train) / batch_size)
             train.setdefault("eval_every", 0)
@@ -127,6 +132,7 @@ class DistributedModel:
             output = self.env.comm.bcast(
                 tempfile.mkdtemp(prefix="fastserve-api-") if self.env.rank == 0 else None
             )
+        Path(output).mkdir(parents=True, exist_ok=True)
         job = TrainJob(
             model=TrainModelConfig(
                 arch=self.model.arch,

@@ -30,18 +30,10 @@ from ..distributed.parallelize import clip_grad_norm, parallelize, stage_layers
 from ..errors import ConfigError
 from . import checkpoints as ckpt
 from .config import TrainJob
-from .data import (
-    LabeledData,
-    PackedData,
-    check_corpus,
-    encode_fixed,
-    read_labeled,
-    read_texts,
-    tokenize,
-    train_tokenizer,
-)
+from .data import LabeledData, PackedData
 from .model_factory import build_model, flops_per_token
 from .optim import build_optimizer, build_scheduler
+from .prepare import build_token_cache, cache_files
 
 # Extension points for tests (fastserve.pipeline.testing.faults): callables (trainer, step) run
 # at the start of each step, and after this rank wrote its share of a checkpoint (before the
@@ -136,14 +128,12 @@ class Trainer:
             return
 
         d, run = self.job.data, self.run
-        tok_json = run / "tokenizer.json"
-        tokens_file = run / "data" / "tokens.npy"
-        labels_file = run / "data" / "labels.json"
+        tok_json, tokens_file, labels_file = cache_files(run)
         classifier = self.job.model.arch == "classifier"
         failure = None
         if self.env.rank == 0:
             try:
-                self._build_token_cache(tok_json, tokens_file, labels_file, classifier)
+                build_token_cache(self.job, run, self.init_from, self.instruct)
             except Exception as e:  # noqa: BLE001 - every rank must hear of it (below)
                 failure = e
         # Rank 0's failure (an empty corpus, a text column of integers) ends every rank: the
@@ -181,91 +171,6 @@ class Trainer:
             self.data = PackedData(tokens, d.seq_len, d.val_fraction, self.job.train.seed)
 
     # -- model, parallelism, optimizer ----------------------------------------------------------
-
-    def _build_token_cache(self, tok_json, tokens_file, labels_file, classifier) -> None:
-        """Rank 0: tokenize the corpus once into data/tokens.npy, tied to what made it
-        (data/source.json: the corpus files' paths, sizes and times, columns, vocabulary)."""
-        import numpy as np
-
-        d, run = self.job.data, self.run
-        # the tokenizer: the folder fine-tuned from, one given, or one trained on the corpus
-        tokenizer = str(Path(self.init_from) / "tokenizer.json") if self.init_from else d.tokenizer
-        eos = "<|endoftext|>"
-        if self.init_from:
-            from ..models.hf_format import eos_token
-
-            eos = eos_token(self.init_from)
-        columns = tuple(c for c in (d.prompt_column, d.response_column, d.messages_column) if c)
-        corpus = check_corpus(
-            d.paths,
-            None if self.instruct else d.text_column,
-            d.label_column if classifier else None,
-            columns,
-        )
-        source = {
-            "corpus": corpus["identity"],
-            "text_column": d.text_column,
-            "label_column": d.label_column if classifier else None,
-            "tokenizer": tokenizer and str(Path(tokenizer).resolve()),
-            "vocab_size": None if tokenizer else d.vocab_size,
-            "seq_len": d.seq_len if classifier or self.instruct else None,
-            "instructions": list(columns) or None,
-            # what the tokens are made with, by content: a template edited in place counts
-            "tokenizer_sha256": _tokenizer_digest(tokenizer, self.init_from),
-        }
-        source_file = run / "data" / "source.json"
-        if tokens_file.exists():
-            if not source_file.exists():  # made before FastServe recorded it: taken as it is
-                source_file.write_text(json.dumps(source))
-                return
-            made = json.loads(source_file.read_text())
-            # a key the cache's record lacks was not recorded then (an older FastServe): not news
-            changed = ", ".join(k for k in source if k in made and made[k] != source[k])
-            if not changed:
-                source_file.write_text(json.dumps(source))
-                return
-            if ckpt.latest_complete(run) is not None:
-                raise ConfigError(
-                    f"{run}: its checkpoints were trained on other data ({changed} changed since); "
-                    "a run folder trains on one corpus: give a new output.path, or remove "
-                    f"{run / 'checkpoints'} to start over"
-                )
-            print(f"{run}: {changed} changed since the token cache was made: rebuilding it",
-                  file=sys.stderr)  # fmt: skip
-            tokens_file.unlink()
-            if not tokenizer:
-                tok_json.unlink(missing_ok=True)  # trained on the old corpus
-        if tokenizer:
-            tok_json.parent.mkdir(parents=True, exist_ok=True)
-            tok_json.write_text(Path(tokenizer).read_text())
-        if self.instruct:
-            from .instructions import encode_examples, save_examples
-
-            ids, mask, rejected = encode_examples(d, tok_json, eos, self.init_from)
-            save_examples(run / "data", ids, mask, rejected)
-            source_file.write_text(json.dumps(source))
-            return
-        if classifier:
-            texts, labels = read_labeled(d.paths, d.text_column, d.label_column)
-        else:
-            texts = read_texts(d.paths, d.text_column)
-        if not tokenizer and not tok_json.exists():
-            train_tokenizer(texts, d.vocab_size, tok_json)
-        tokens_file.parent.mkdir(parents=True, exist_ok=True)
-        if classifier:  # fixed-length rows of ids, and label ids by sorted label name
-            names = sorted(set(labels))
-            labels_file.write_text(json.dumps(names))
-            index = {n: i for i, n in enumerate(names)}
-            np.save(
-                run / "data" / "label_ids.npy",
-                np.array([index[x] for x in labels], dtype=np.int64),
-            )
-            tokens = encode_fixed(texts, tok_json, d.seq_len)
-        else:
-            tokens, _, _ = tokenize(texts, tok_json, eos)
-        np.save(tokens_file.with_suffix(".tmp.npy"), tokens, allow_pickle=False)
-        os.replace(tokens_file.with_suffix(".tmp.npy"), tokens_file)
-        source_file.write_text(json.dumps(source))
 
     def _build(self) -> None:
         job, env, dims = self.job, self.env, self.dims
@@ -626,77 +531,17 @@ class Trainer:
             val = f"  val {r['val_loss']:.4f} ppl {r['val_perplexity']:.1f}"
         return f"step {r['step']:>5}  loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tok/s  mfu {r['mfu']:.1%}{val}"
 
-    # -- export --------------------------------------------------------------------------------
+    # -- export (training/export.py) -----------------------------------------------------------
 
     def full_state(self, everyone: bool = False) -> dict | None:
-        """The whole model's tensors (fp32, CPU) by name, assembled from every stage and shard:
-        on rank 0 (None elsewhere), or on every rank. A collective: every rank calls it."""
-        import numpy as np
-        from torch.distributed.tensor import DTensor
+        from .export import full_state
 
-        full = {}
-        for name, q in self.named:
-            t = q.full_tensor() if isinstance(q, DTensor) else q  # collective over q's mesh
-            full[name] = t.detach().float().cpu().numpy()
-        mine = full if (self.dp_rank == 0 and self.tp_rank == 0) else {}
-        comm = self.env.comm  # in memory, between ranks: no file
-        parts = comm.allgather(mine) if everyone else comm.gather(mine, root=0)
-        if parts is None:
-            return None
-        state = {}
-        for part in parts:
-            state.update({k: torch.from_numpy(np.asarray(v)) for k, v in part.items()})
-        return state
+        return full_state(self, everyone)
 
     def export(self, folder: Path) -> Path | None:
-        """One consolidated FastServe checkpoint (rank 0 writes it; every rank takes part)."""
-        from ..models.checkpoint import save_checkpoint
+        from .export import export
 
-        state = self.full_state()
-        if state is None:
-            return None
-        # the trained model's own class and config (one given through the API may differ from
-        # what the job's [model] table describes: bias=False, say)
-        if self.init_from:  # back to a Hugging Face folder
-            from ..models.hf_format import export_hf
-            from ..registry import ARCHS
-
-            model = ARCHS[self.arch].model_class()(self.hf_cfg)
-            if self.hf_cfg.tie_word_embeddings:
-                state["lm_head.weight"] = state["wte.weight"]
-            model.load_state_dict(state, strict=True)
-            extra = {"trained_with": asdict(self.job.parallel), "steps": self.job.train.steps,
-                     "init_from": str(self.init_from)}  # fmt: skip
-            return export_hf(model, self.init_from, folder, extra)
-        model = (
-            self.given_cls(self.given.config)
-            if self.given is not None
-            else build_model(self.job.model, self.vocab_size, self.job.train.seed, self.labels)
-        )
-        model.load_state_dict(state, strict=True)
-        return save_checkpoint(
-            folder,
-            model,
-            self.tokenizer_json,
-            {"pad": "<pad>", "eos": "<|endoftext|>", "bos": "<|endoftext|>"},
-            extra={"trained_with": asdict(self.job.parallel), "steps": self.job.train.steps},
-        )
-
-
-def _tokenizer_digest(tokenizer: str | None, init_from: str | None) -> str | None:
-    """sha256 over the files that decide the tokens: the tokenizer, and a Hugging Face folder's
-    tokenizer config and chat template (eos, the template that renders messages)."""
-    import hashlib
-
-    if not tokenizer:
-        return None
-    files = [Path(tokenizer)]
-    if init_from:
-        files += [Path(init_from) / n for n in ("tokenizer_config.json", "chat_template.jinja")]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"-") + b"\0")
-    return h.hexdigest()
+        return export(self, folder)
 
 
 def trim_metrics(path: Path, start: int) -> None:
