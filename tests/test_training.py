@@ -609,3 +609,43 @@ print("trained")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: x holds token id 60 (row 0); the model's vocab_size is 50" in proc.stdout
     assert "trained" in proc.stdout and (workdir / "api-new" / "run" / "metrics.jsonl").exists()
+
+
+TIED_SCRIPT = """
+import json, sys
+import numpy as np, torch
+from fastserve.pipeline.training.api import DistributedModel
+from fastserve.pipeline.distributed.parallel_dims import ParallelDims
+from fastserve.pipeline.models.gpt import GPT, GPTConfig
+x = np.random.default_rng(0).integers(1, 40, size=(32, 9))
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=4, n_head=2, n_embd=16,
+                      tie_word_embeddings=True))
+dm = DistributedModel(model, strategy=ParallelDims(**json.loads(sys.argv[1])))
+out = dm.fit(x, epochs=2, batch_size=8, lr=1e-2, grad_clip=0.5)
+probs = dm.predict(x[:4])
+if dm.env.rank == 0:
+    print(json.dumps({"losses": [r["loss"] for r in out], "probs": probs.tolist()}))
+"""
+
+
+@pytest.mark.mpi
+def test_a_head_tied_to_the_embedding_trains_over_pipeline_stages_as_one_process(workdir):
+    """The first stage's embedding and the last stage's head are one weight: the same summed
+    gradient, counted once in the clipping norm."""
+    import numpy as np
+
+    def run(dims: dict):
+        n = dims.get("dp", 1) * dims.get("pp", 1) * dims.get("tp", 1)
+        cmd = [sys.executable, "-c", TIED_SCRIPT, json.dumps(dims)]
+        cmd = [str(MPIEXEC), "-n", str(n), *cmd] if n > 1 else cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV,
+                              cwd=workdir)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    one = run({})
+    for dims in ({"pp": 2}, {"pp": 2, "dp": 2}):
+        got = run(dims)
+        assert got["losses"] == pytest.approx(one["losses"], abs=1e-5), dims
+        np.testing.assert_allclose(got["probs"], one["probs"], atol=1e-5)

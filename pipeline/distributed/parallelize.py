@@ -95,8 +95,11 @@ def apply_ddp(chunk: nn.Module, dp_group, device) -> nn.Module:
     )
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm(
+    params: list[nn.Parameter], max_norm: float, pp_group=None, uncounted=frozenset()
+) -> torch.Tensor:
     """Clip by the norm over *all* gradients of the model: every stage and every shard.
+    `uncounted`: ids of parameters clipped but not counted (a second copy of a tied weight).
 
     DTensor gradients (TP, FSDP) reduce over their own mesh; plain ones are replicated across TP
     ranks and counted once; the squares are then summed over the pipeline stages.
@@ -107,7 +110,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group=None) -
     grads = [p.grad for p in params if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float32)
     by_mesh: dict = {}
-    for g in grads:
+    for g in (p.grad for p in params if p.grad is not None and id(p) not in uncounted):
         if isinstance(g, DTensor):
             by_mesh.setdefault(id(g.device_mesh), []).append(g)
         else:

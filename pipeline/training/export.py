@@ -33,6 +33,8 @@ def full_state(trainer, everyone: bool = False) -> dict | None:
     state = {}
     for part in parts:
         state.update({k: torch.from_numpy(np.asarray(v)) for k, v in part.items()})
+    if getattr(trainer.full.config, "tie_word_embeddings", False):  # one weight, both names
+        state["lm_head.weight"] = state["wte.weight"]
     return state
 
 
@@ -51,8 +53,6 @@ def export(trainer, folder: Path) -> Path | None:
         from ..registry import ARCHS
 
         model = ARCHS[trainer.arch].model_class()(trainer.hf_cfg)
-        if trainer.hf_cfg.tie_word_embeddings:
-            state["lm_head.weight"] = state["wte.weight"]
         model.load_state_dict(state, strict=True)
         extra = {"trained_with": asdict(trainer.job.parallel), "steps": trainer.job.train.steps,
                  "init_from": str(trainer.init_from)}  # fmt: skip

@@ -180,12 +180,6 @@ class Trainer:
 
             # nothing allocated for the whole model: each stage materializes its own part
             _, _, self.full = build_from_hf(self.init_from, device="meta")
-            if self.hf_cfg.tie_word_embeddings and p.pp > 1:
-                raise ConfigError(
-                    f"{self.init_from} ties its head to its embedding: FastServe cannot split "
-                    "it over pipeline stages yet; use parallel.tp / dp, or a model with an "
-                    "untied head"
-                )
         else:
             self.full = (
                 self.given
@@ -202,6 +196,7 @@ class Trainer:
         parts = parallelize(
             self.full, dims, dims.build_mesh(env.device.type), p, env.device, load_weights=load
         )
+        self.parts = parts
         self.pp_rank, self.dp_rank, self.tp_rank = (parts.coords[d] for d in ("pp", "dp", "tp"))
         self.pp_group, self.n_stages, self.stage_ids = (
             parts.pp_group,
@@ -211,7 +206,12 @@ class Trainer:
         self.chunks = parts.chunks  # unwrapped: their parameter names are the whole model's
         self.runnable = parts.runnable
         self.is_first, self.is_last = parts.is_first, parts.is_last
-        self.named = [(n, q) for c in self.chunks for n, q in c.named_parameters()]
+        self.tie_group, self.tied_copy = self._tie_over_stages()
+        self.named = [
+            ("wte.weight" if q is self.tied_copy else n, q)  # one weight, one name
+            for c in self.chunks
+            for n, q in c.named_parameters()
+        ]
         self.params = [q for _, q in self.named]
         t = job.train
         self.optimizer = build_optimizer(self.named, t)
@@ -228,6 +228,41 @@ class Trainer:
             "stages_per_rank": p.stages_per_rank,
             "arch": job.model.arch,
         }
+
+    def _tie_over_stages(self):
+        """A head tied to the embedding, split over pipeline stages: the first stage holds `wte`,
+        the last `lm_head`, as two copies of one weight (equal at the start). After each step's
+        backward both receive the sum of their gradients (Megatron's embedding group), so they
+        stay equal; both are named wte.weight (checkpoints and export see one weight). Returns
+        (the process group of this rank's first and last stage, the last stage's copy), or Nones."""
+        import torch.distributed as dist
+
+        cfg = getattr(self.full, "config", None)
+        if self.dims.pp == 1 or not getattr(cfg, "tie_word_embeddings", False):
+            return None, None
+        ranks = self.parts.mesh.mesh  # (pp, dp, tp) -> global rank
+        group = None
+        for d in range(self.dims.dp):  # every rank creates every group, in the same order
+            for t in range(self.dims.tp):
+                pair = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+                g = dist.new_group(pair)
+                if self.env.rank in pair:
+                    group = g
+        if group is None:  # a middle stage
+            return None, None
+        self.tied_mine = next(
+            c.wte.weight if getattr(c, "wte", None) is not None else c.lm_head.weight
+            for c in self.chunks
+            if getattr(c, "wte", None) is not None or getattr(c, "lm_head", None) is not None
+        )  # this rank's copy: the embedding on the first stage, the head on the last
+        return group, self.tied_mine if self.is_last else None
+
+    def _sum_tied_gradient(self) -> None:
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        g = self.tied_mine.grad
+        dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.tie_group)
 
     def new_schedule(self):
         """A pipeline schedule over this rank's stages. Its stages learn the tensor shapes of
@@ -340,7 +375,12 @@ class Trainer:
             for q in self.params:
                 if q.grad is not None:
                     q.grad.mul_(1.0 / t.grad_accum)
-        norm = clip_grad_norm(self.params, t.grad_clip, self.pp_group)
+        if self.tie_group is not None:  # the tied weight's two copies: the same summed gradient
+            self._sum_tied_gradient()
+        norm = clip_grad_norm(
+            self.params, t.grad_clip, self.pp_group,
+            uncounted={id(self.tied_copy)} if self.tied_copy is not None else set(),
+        )  # fmt: skip
         self.optimizer.step()
         self.scheduler.step()
         return {"loss": self._global_loss(total / t.grad_accum), "grad_norm": float(norm)}
