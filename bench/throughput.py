@@ -374,7 +374,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="encoders: most rows per batch [FastServe's]")
     ap.add_argument("--prompts", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, nargs=2, default=(8, 128))
-    ap.add_argument("--slots", type=int, default=32, help="FastServe's decode slots")
+    ap.add_argument(
+        "--slots", type=int, help="FastServe's decode slots [FastServe's: from a KV budget]"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-hf-continuous", action="store_true")
     ap.add_argument(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Rows per call when task.batch_size is unset: generate's decode slots, translate's batches.
+# Rows per call when task.batch_size is unset: translate's batches (generate sizes its decode
+# slots from a KV-cache budget: models/decoding.py auto_slots).
 ROWS_PER_CALL = 32
 
 

@@ -45,7 +45,7 @@ def test_greedy_generation_is_token_identical_to_generate(gpt2):
     limits = [(i % 5) * 4 + 1 for i in range(24)]
     ref = hf_generate(gpt2, prompts, limits)
     tok = AutoTokenizer.from_pretrained(gpt2)
-    for bs in (1, 7, 24):
+    for bs in (1, 7, 24, None):  # None: slots from the KV budget
         out = task(gpt2, name="generate", batch_size=bs, max_new_tokens_column="n").process(
             prompts, ids(24), {"n": limits}
         )
@@ -55,6 +55,24 @@ def test_greedy_generation_is_token_identical_to_generate(gpt2):
         assert out.columns["finish_reason"] == [
             "length" if len(r) == n else "eos" for r, n in zip(ref, limits, strict=True)
         ]
+
+
+def test_decode_slots_follow_the_kv_budget():
+    from transformers import GPT2Config, LlamaConfig
+
+    from fastserve.pipeline.models.decoding import auto_slots, kv_bytes_per_token
+
+    small = GPT2Config(n_layer=12, n_embd=768, n_head=12)  # GPT-2-small: 72 KiB a token
+    assert kv_bytes_per_token(small) == 2 * 12 * 768 * 4
+    assert auto_slots(small, "cpu", [20] * 500, [100] * 500) == 128  # the CPU's most
+    assert auto_slots(small, "cpu", [20] * 5, [100] * 5) == 5  # never more than the rows
+    big = LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                      num_key_value_heads=8)  # fmt: skip
+    # 256 KiB a token in fp32 (8 kv heads): 2 GiB hold 16 rows of 500 tokens
+    assert kv_bytes_per_token(big) == 256 << 10
+    assert auto_slots(big, "cpu", [250] * 100, [250] * 100) == 16
+    assert auto_slots(big, "cpu", [4000] * 100, [4000] * 100) == 8  # at least 8
+    assert auto_slots(big, "cuda", [500] * 1000, [500] * 1000, dtype_bytes=2) == 65  # 8 GiB
 
 
 def test_greedy_identical_when_refills_are_longer_than_the_running_cache(gpt2):

@@ -9,9 +9,8 @@ mask (models/constraints.py) and `parsed_ok` says whether its output is complete
 
 from __future__ import annotations
 
-from ..batching import ROWS_PER_CALL
 from ..config import ModelConfig, TaskConfig
-from ..models.decoding import HFCausalLM, Sampling, generate
+from ..models.decoding import HFCausalLM, Sampling, auto_slots, generate
 from ..registry import ARCHS, load_ref
 from .base import ModelTask, TaskOutput
 from .prompts import build_prompts
@@ -162,7 +161,14 @@ class GenerateTask(ModelTask):
                 [sampling[i] for i in todo] if isinstance(sampling, list) else sampling,
                 self.eos,
                 [stops[i] for i in todo] if isinstance(stops, list) else stops,
-                slots=cfg.batch_size or ROWS_PER_CALL,
+                slots=cfg.batch_size
+                or auto_slots(
+                    self.loaded.model.config,
+                    self.loaded.device,
+                    [len(prompts[i]) for i in todo],
+                    [limits[i] for i in todo],
+                    next(self.loaded.model.parameters()).element_size(),
+                ),
                 constraints=constraints,
             )
             results.update(zip(todo, outs, strict=True))
