@@ -2,12 +2,15 @@
 
     arch, cfg = config_from_hf("models/llama-x")        # config.json -> LlamaConfig / GPTConfig
     load_hf_weights(chunk, "models/llama-x")            # only the tensors `chunk` holds are read
+    materialize(chunk, "models/llama-x", device)        # a meta-device stage (TP'd: its slices)
     export_hf(model, tokenizer_folder, "run/export")    # a folder AutoModelForCausalLM loads
 
 Llama-family folders (model_type llama, mistral, qwen2) become models/llama.py's Llama; GPT-2
 becomes models/gpt.py's GPT (tanh GELU, fused c_attn split into q/k/v, Conv1D weights transposed).
 Weights are read with safetensors, one tensor at a time, from model.safetensors or the shards a
-model.safetensors.index.json lists: a pipeline stage reads its own layers only. Never pickle.
+model.safetensors.index.json lists: a pipeline stage reads its own layers only, and a
+tensor-parallel rank (apply_tp on the meta-device stage before materialize) only its own rows or
+columns of the split weights (safetensors slices). READ counts the bytes read. Never pickle.
 """
 
 from __future__ import annotations
@@ -138,7 +141,9 @@ def build_from_hf(folder: str | Path, device="meta"):
 
 def materialize(chunk: torch.nn.Module, folder: str | Path, device) -> int:
     """A pipeline stage (or whole model) built on the meta device, given real storage on
-    `device` and filled from the folder: only its own tensors are read. Returns bytes read."""
+    `device` and filled from the folder: only its own tensors are read. Tensor parallelism
+    applied first (apply_tp on the meta chunk) makes each rank read only its own slices of the
+    split weights. Returns bytes read (READ keeps the process's running total)."""
     chunk.to_empty(device=device)
     if hasattr(chunk, "inv_freq"):  # a buffer computed, not stored
         from .llama import rope_frequencies
@@ -207,8 +212,17 @@ def _gpt2_name(name: str):
     }[name]
 
 
+# safetensors' dtype names -> bytes per element
+_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1}
+
+# Bytes (and tensors or slices) this process has read from Hugging Face folders, all loads
+# together: what tests and bench/train_pipeline.py report per rank.
+READ = {"bytes": 0, "tensors": 0}
+
+
 class _Weights:
-    """The tensors of a Hugging Face folder, opened lazily file by file (sharded or not)."""
+    """The tensors of a Hugging Face folder, opened lazily file by file (sharded or not); a
+    tensor is read whole or as one rectangular slice (safetensors get_slice: only those bytes)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -231,50 +245,127 @@ class _Weights:
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> torch.Tensor:
+    def _slice(self, name: str):
         from safetensors import safe_open
 
         file = self.where[name]
         if file not in self.open:
             self.open[file] = safe_open(self.folder / file, "pt")
-        t = self.open[file].get_tensor(name)
-        self.bytes_read += t.numel() * t.element_size()
+        return self.open[file].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def itemsize(self, name: str) -> int:
+        return _ITEMSIZE.get(self._slice(name).get_dtype(), 4)
+
+    def get(self, name: str, region: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """The tensor, or only `region` of it (one slice per dimension)."""
+        sl = self._slice(name)
+        t = sl[:] if region is None else sl[region]
+        n = t.numel() * t.element_size()
+        self.bytes_read += n
+        READ["bytes"] += n
+        READ["tensors"] += 1
         return t
+
+
+def _source(model, name: str, w: _Weights, prefix: str):
+    """Where FastServe's parameter `name` lies in the folder: (HF tensor, transposed, part).
+    transposed: a GPT-2 Conv1D weight ((in, out), FastServe's Linear is (out, in)); part 0/1/2:
+    q, k or v, a third of the fused c_attn along its last dimension."""
+    if model.arch == "gpt":
+        hf, part = _gpt2_name(name)
+        hf = prefix + hf
+        if part == "T":
+            return hf, True, None
+        if isinstance(part, int):
+            return hf, name.endswith("weight"), part
+        return hf, False, None
+    hf = _llama_name(name)
+    if name == "lm_head.weight" and not w.has(hf):
+        hf = "model.embed_tokens.weight"  # tied
+    if hf is None or not w.has(hf):
+        raise ConfigError(f"{w.folder}: no tensor {hf or name!r} for FastServe's {name}")
+    return hf, False, None
+
+
+def _local_region(param) -> tuple[tuple[int, int], ...]:
+    """(offset, length) per dimension of the part of `param` this rank holds: all of a plain
+    tensor, the local shard of a DTensor (tensor parallelism)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return tuple((0, n) for n in param.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    return tuple(zip(offset, shape, strict=True))
+
+
+def _read_param(name: str, param, source, w: _Weights) -> torch.Tensor:
+    """This rank's part of FastServe's `param`, read from the folder (only that part)."""
+    hf, transposed, part = source
+    region = _local_region(param)
+    want = tuple(param.shape)
+    if transposed:  # HF's tensor is the transpose: swap the region's dimensions back
+        region, want = region[::-1], want[::-1]
+    if part is not None:  # the fused c_attn: q, k, v side by side along the last dimension
+        region = (*region[:-1], (region[-1][0] + part * want[-1], region[-1][1]))
+        want = (*want[:-1], 3 * want[-1])
+    have = w.shape(hf)
+    if have != want:
+        raise ConfigError(
+            f"{w.folder}: tensor {hf} for {name} has shape {have}, expected {want} from config.json"
+        )
+    whole = all(o == 0 and n == full for (o, n), full in zip(region, have, strict=True))
+    t = w.get(hf, None if whole else tuple(slice(o, o + n) for o, n in region))
+    return t.t() if transposed else t
 
 
 def load_hf_weights(model: torch.nn.Module, folder: str | Path) -> int:
     """Fill `model` (a whole model or a pipeline stage of one: only the parameters it holds are
-    read) from the Hugging Face folder; returns the bytes read."""
+    read; tensor-parallel DTensor parameters: only this rank's slice of each) from the Hugging
+    Face folder; returns the bytes read.
+
+    Every weight is read as a slice, GPT-2's included: q/k/v are column blocks of the fused
+    c_attn, and a Conv1D weight's rows are the columns of FastServe's Linear, so a tensor-parallel
+    rank reads its rows or columns of the stored tensor. Replicated tensors (embeddings, norms,
+    the head, biases of row-split layers) are read whole."""
+    from torch.distributed.tensor import DTensor
+
     folder = Path(folder)
     w = _Weights(folder)
-    gpt2 = model.arch == "gpt"
-    prefix = "transformer." if gpt2 and w.has("transformer.wte.weight") else ""
-    state = {}
-    for name, param in model.state_dict(keep_vars=True).items():
-        if name.endswith("inv_freq"):
-            continue
-        if gpt2:
-            hf, part = _gpt2_name(name)
-            t = w.get(prefix + hf)
-            if part == "T":
-                t = t.t()
-            elif isinstance(part, int):
-                t = (t.t() if t.dim() == 2 else t).chunk(3, dim=0)[part]
-        else:
-            hf = _llama_name(name)
-            if name == "lm_head.weight" and not w.has(hf):
-                hf = "model.embed_tokens.weight"  # tied
-            if hf is None or not w.has(hf):
-                raise ConfigError(f"{folder}: no tensor {hf or name!r} for FastServe's {name}")
-            t = w.get(hf)
-        if tuple(t.shape) != tuple(param.shape):
-            raise ConfigError(
-                f"{folder}: tensor for {name} has shape {tuple(t.shape)}, expected "
-                f"{tuple(param.shape)} from config.json"
-            )
-        state[name] = t.to(param.dtype).contiguous()
-    model.load_state_dict(state, strict=False, assign=False)
+    prefix = "transformer." if model.arch == "gpt" and w.has("transformer.wte.weight") else ""
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied weight once, by its first name
+            t = _read_param(name, param, _source(model, name, w, prefix), w)
+            dst = param.to_local() if isinstance(param, DTensor) else param
+            if tuple(t.shape) != tuple(dst.shape):
+                raise ConfigError(
+                    f"{folder}: slice for {name} has shape {tuple(t.shape)}, expected "
+                    f"{tuple(dst.shape)}"
+                )
+            dst.copy_(t)
     return w.bytes_read
+
+
+def held_bytes(model: torch.nn.Module, folder: str | Path) -> int:
+    """Bytes of the folder's tensors `model` holds on this rank (its stage; its slices of
+    tensor-parallel weights): what an ideal load reads. Nothing is read but headers."""
+    folder = Path(folder)
+    w = _Weights(folder)
+    prefix = "transformer." if model.arch == "gpt" and w.has("transformer.wte.weight") else ""
+    total = 0
+    for name, param in model.named_parameters():
+        hf = _source(model, name, w, prefix)[0]
+        n = 1
+        for _, length in _local_region(param):
+            n *= length
+        total += n * w.itemsize(hf)
+    return total
 
 
 # -- export ------------------------------------------------------------------------------------
