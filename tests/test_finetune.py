@@ -37,12 +37,12 @@ def work(tmp_path_factory):
 
 
 def train(
-    work, name, parallel: str = "", n: int = 1, data: str = "", steps: int = 6
+    work, name, parallel: str = "", n: int = 1, data: str = "", steps: int = 6, folder="llama"
 ) -> list[float]:
     job = work / f"{name}.toml"
     data = data or 'paths = ["corpus"]\n'
     job.write_text(
-        f'[model]\ninit_from = "llama"\n[data]\n{data}seq_len = 32\n'
+        f'[model]\ninit_from = "{folder}"\n[data]\n{data}seq_len = 32\n'
         f"[train]\nsteps = {steps}\nbatch_size = 8\nlr = 1e-3\nwarmup_steps = 2\neval_every = 0\n"
         f'[parallel]\nmicrobatches = 2\ntimeout_s = 60\n{parallel}\n[output]\npath = "{name}"\n'
     )
@@ -72,6 +72,27 @@ def test_fine_tuning_over_any_layout_equals_one_process(work, reference, name, p
     assert got == pytest.approx(reference, abs=1e-5)
     assert reference[-1] < reference[0]  # it learns from the checkpoint's start
     assert json.loads((work / name / "export" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_a_tied_head_fine_tunes_over_pipeline_stages_as_one_process(work):
+    """GPT-2 ties its head to its embedding: split over stages, the two copies get one gradient
+    and stay one weight (the export has it once, as transformers ties it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastserve.pipeline.testing.models import build_gpt2
+
+    build_gpt2(work / "gpt2")
+    one = train(work, "gpt2-single", folder="gpt2")
+    for name, parallel, n in (("gpt2-pp2", "pp = 2", 2), ("gpt2-pp2xtp2", "pp = 2\ntp = 2", 4)):
+        assert train(work, name, parallel, n, folder="gpt2") == pytest.approx(one, abs=1e-5)
+    a, b = (
+        AutoModelForCausalLM.from_pretrained(work / r / "export", torch_dtype=torch.float32)
+        for r in ("gpt2-single", "gpt2-pp2")
+    )
+    assert a.lm_head.weight.data_ptr() != 0 and b.config.tie_word_embeddings
+    assert torch.allclose(a.lm_head.weight, b.lm_head.weight, atol=1e-5)
+    assert torch.equal(b.lm_head.weight, b.transformer.wte.weight)
 
 
 def test_the_export_is_a_folder_transformers_loads_and_infer_serves(work, reference):

@@ -175,10 +175,12 @@ def parallelize(
     stage_ids = rank_stages(pp_rank, dims.pp, cfg.stages_per_rank) if dims.pp > 1 else [0]
     chunks = [split_stage(model, s, n_stages) if dims.pp > 1 else model for s in stage_ids]
     for c in chunks:
-        if load_weights is not None:
+        if load_weights is not None:  # on meta: split first, then each rank reads its slices
+            if dims.tp > 1:
+                apply_tp(c, mesh["tp"])
             load_weights(c)
         c.to(device)
-        if dims.tp > 1:
+        if dims.tp > 1 and load_weights is None:
             apply_tp(c, mesh["tp"])
     runnable = chunks
     if dims.dp > 1 and cfg.dp_mode == "fsdp":
