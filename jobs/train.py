@@ -59,14 +59,16 @@ def plan_text(job) -> str:
     text = None if columns else d.text_column  # instruction data has its own columns
     corpus = check_corpus(d.paths, text, label, columns)  # footers only: no rows read
     out = Path(job.output.path)
-    last = latest_complete(out) if out.is_dir() else None
+    passed_over: list[str] = []
+    last = latest_complete(out, warn=passed_over.append) if out.is_dir() else None
     lines = [
+        *passed_over,
         f"corpus: {corpus['files']} files, {corpus['rows']} rows ("
         + (f"columns {', '.join(columns)}" if columns else f"text column {d.text_column!r}")
         + (f", labels {label!r}" if label else "")
         + ")",
         f"run folder: {out} ("
-        + (_resume_text(last, p) if last else "exists" if out.is_dir() else "new")
+        + (_resume_text(last, job, m.arch) if last else "exists" if out.is_dir() else "new")
         + ")",
         f"world size {p.dp * p.tp * p.pp} = dp {p.dp} x tp {p.tp} x pp {p.pp}  (launch: mpiexec -n {p.dp * p.tp * p.pp})",
         f"model {m.arch}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters"
@@ -102,10 +104,19 @@ def plan_text(job) -> str:
     return "\n".join(lines)
 
 
-def _resume_text(last: Path, p) -> str:
-    """Where a run folder resumes, and whether the checkpoint is re-sharded to this layout."""
-    from fastserve.pipeline.training.checkpoints import STATE, saved_layout
+def _resume_text(last: Path, job, arch: str) -> str:
+    """Where a run folder resumes, and whether the checkpoint is re-sharded to this layout (or
+    will be refused: another model kind or batch size)."""
+    import json
 
+    from fastserve.pipeline.training.checkpoints import STATE, mismatch, saved_layout
+
+    p = job.parallel
+    if (last / STATE).exists():
+        info = json.loads((last / STATE).read_text())  # readable: latest_complete checked it
+        problem = mismatch(info, {"arch": arch, "batch_size": job.train.batch_size})
+        if problem:
+            return f"{last.name} {problem}"
     was = saved_layout(last) or {}
     now = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "stages_per_rank": p.stages_per_rank}
     if all(was.get(k) == v for k, v in now.items()):

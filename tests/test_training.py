@@ -507,6 +507,17 @@ predictions = distributed_model.predict(padded_sequences)
 scores = distributed_model.evaluate(padded_sequences, labels)
 # a batch of another shape than fit's (the pipeline's stages learned fit's shapes)
 few = distributed_model.predict(padded_sequences[:3])
+refusals = []
+for bad in (np.full((2, 5), 999), np.zeros((0, 5), dtype=int), [[1, 2], [3]]):
+    try:  # refused on every rank before any collective: the pipeline goes on working
+        distributed_model.predict(bad)
+    except ValueError as e:
+        refusals.append(str(e))
+try:
+    distributed_model.fit(padded_sequences, labels[:3], epochs=1, batch_size=8)
+except ValueError as e:  # a refused fit keeps the trained model
+    refusals.append(str(e))
+assert np.allclose(distributed_model.predict(padded_sequences[:3]), few)
 # fit again goes on from the trained weights; a second model in the same process trains too
 distributed_model.fit(padded_sequences, labels, epochs=5, batch_size=8, lr=1e-3)
 again = distributed_model.predict(padded_sequences)
@@ -517,7 +528,7 @@ if distributed_model.env.rank == 0:
     print(json.dumps({"next": [int(np.argmax(predictions[i])) for i in range(len(labels))],
                       "labels": labels.tolist(), "sums": predictions.sum(axis=1).tolist(),
                       "scores": scores, "few": few.tolist(), "first": predictions[:3].tolist(),
-                      "again": [int(np.argmax(p)) for p in again],
+                      "again": [int(np.argmax(p)) for p in again], "refusals": refusals,
                       "other_losses": other_losses}))
 """
 
@@ -536,6 +547,12 @@ def test_the_founding_descriptions_example_predicts_the_next_word(workdir, strat
 
     np.testing.assert_allclose(out["few"], out["first"], atol=1e-6)
     assert out["again"] == out["labels"]  # trained on, not started over
+    assert [r.split(";")[0].split(":")[0] for r in out["refusals"]] == [
+        "x holds token id 999 (row 0)",
+        "x has shape (0, 5)",
+        "x's rows differ in length (1 to 2 tokens",
+        "x has 18 rows but y has 3",
+    ], out["refusals"]
     assert len(out["other_losses"]) == 9 and all(x == x for x in out["other_losses"])
 
 
@@ -649,3 +666,53 @@ def test_a_head_tied_to_the_embedding_trains_over_pipeline_stages_as_one_process
         got = run(dims)
         assert got["losses"] == pytest.approx(one["losses"], abs=1e-5), dims
         np.testing.assert_allclose(got["probs"], one["probs"], atol=1e-5)
+
+
+@pytest.mark.mpi
+def test_a_signal_on_a_checkpoint_step_still_requeues(workdir):
+    every_step = {"checkpoint": {"every": 1}}
+    proc = train(job(workdir, "usr1-every", **every_step), fault="0:2:usr1")
+    assert proc.returncode == 75, proc.stderr[-2000:]  # not trained on to the end
+    assert "checkpoint at step 3 saved; exit 75" in proc.stderr
+    assert len(losses(workdir / "usr1-every")) == 3
+
+
+@pytest.mark.mpi
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(workdir, reference):
+    name = "damaged"
+    cfg = job(workdir, name, parallel={"pp": 2}, checkpoint={"every": 2})
+    assert train(cfg, n=2, fault="0:5:raise").returncode != 0
+    ckpts = workdir / name / "checkpoints"
+    (shard,) = (ckpts / "step-000004").glob("shard-00002-*.safetensors")
+    shard.unlink()  # a file lost with the checkpoint still marked complete
+    dry = run_cli("train", "--config", cfg, "--dry-run", cwd=workdir).stdout
+    assert f"{shard.name} is missing" in dry and "resumes from step-000002" in dry
+    resumed = train(cfg, n=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step-000004 is damaged" in resumed.stderr and "steps 2 -> 6 (resumed)" in resumed.stderr
+    assert losses(workdir / name) == pytest.approx(reference, abs=1e-5)
+    # another train.batch_size: the dry run says it will be refused, as the run does
+    bigger = job(workdir, name, train={**BASE["train"], "batch_size": 16})
+    dry = run_cli("train", "--config", bigger, "--dry-run", cwd=workdir).stdout
+    assert "was saved with train.batch_size = 8, this run has 16" in dry
+
+
+def test_an_unreadable_state_json_marks_a_checkpoint_damaged(tmp_path):
+    from fastserve.pipeline.training.checkpoints import damaged, latest_complete
+
+    run = tmp_path / "run"
+    for step, text in ((2, '{"step": 2, "files": {}}'), (4, '{"step": 4, "arch": "lla')):
+        d = run / "checkpoints" / f"step-{step:06d}"
+        d.mkdir(parents=True)
+        (d / "state.json").write_text(text)
+        (d / "COMPLETE").write_text(f"{step}\n")
+    said = []
+    assert latest_complete(run, warn=said.append) == run / "checkpoints" / "step-000002"
+    assert "state.json is unreadable" in said[0]
+    assert damaged(run / "checkpoints" / "step-000002") is None
+
+
+def test_checkpoint_settings_out_of_range_are_refused(workdir):
+    for bad in ({"every": -1}, {"keep": 0}):
+        proc = run_cli("train", "--config", job(workdir, "ck-bad", checkpoint=bad), "--dry-run")
+        assert proc.returncode == 2 and "checkpoint.every" in proc.stderr, proc.stderr

@@ -8,6 +8,8 @@ RANK:STEP:KIND, KIND one of
   hang         rank RANK sleeps there for an hour (the others' collective must time out)
   kill-in-save every rank is SIGKILLed right after writing its share of the checkpoint of step
                STEP, before the checkpoint is marked complete (RANK is ignored)
+  usr1         rank RANK sends itself SIGUSR1 (what Slurm sends before a time limit) at the start
+               of step STEP
 """
 
 from __future__ import annotations
@@ -28,18 +30,21 @@ def install(spec: str) -> None:
         if trainer.env.rank == rank and s == step:
             if kind == "hang":
                 time.sleep(3600)
+            if kind == "usr1":
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
             raise RuntimeError(f"injected fault on rank {rank} at step {step}")
 
     def after_saving(trainer, s: int) -> None:
         if s == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if kind in ("raise", "hang"):
+    if kind in ("raise", "hang", "usr1"):
         HOOKS["step"].append(at_step)
     elif kind == "kill-in-save":
         HOOKS["saved_shard"].append(after_saving)
     else:
-        raise SystemExit(f"unknown fault kind {kind!r}; expected raise, hang or kill-in-save")
+        raise SystemExit(f"unknown fault kind {kind!r}; expected raise, hang, usr1 or kill-in-save")
 
 
 def main() -> None:

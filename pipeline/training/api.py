@@ -100,11 +100,6 @@ class DistributedModel:
         from .trainer import Trainer
 
         self.env = self.env or bootstrap()
-        if self.trainer is not None:  # fit again: on from the trained weights (a new optimizer)
-            state = self.trainer.full_state(everyone=True)
-            self.model = self.model_cls(self.model.config)
-            self.model.load_state_dict(state, strict=True)
-            self.trainer = None
         dims = self._dims(self.env.world_size)
         cfg = self.model.config
         arrays = None
@@ -126,6 +121,21 @@ class DistributedModel:
             paths, seq_len = ("<in-memory arrays>",), arrays.ids.shape[1] - 1
             steps = steps or epochs * math.ceil(len(arrays.train) / batch_size)
             train.setdefault("eval_every", 0)
+        if self.trainer is not None and output is not None:
+            before = Path(self.trainer.job.output.path).resolve()
+            if Path(output).resolve() == before:
+                raise ValueError(
+                    f"output={str(output)!r} holds the run of the previous fit(), finished: a "
+                    "fit there would resume it and train nothing; give another output= (or "
+                    "none: a temporary folder)"
+                )
+        # checked above, before anything changes: a refused fit leaves the trained model as it was
+        if self.trainer is not None:  # fit again: on from the trained weights (a new optimizer)
+            state = self.trainer.full_state(everyone=True)
+            self.model = self.model_cls(self.model.config)
+            self.model.load_state_dict(state, strict=True)
+            self.trainer = None
+            cfg = self.model.config
         if output is None:
             import tempfile
 
@@ -172,13 +182,12 @@ class DistributedModel:
         """The model's outputs for token ids `x` (rows, length), through the trained stages and
         shards, on every rank: (rows, length, vocab) for a language model, (rows, labels) for a
         classifier."""
-        import numpy as np
         import torch
 
         t = self.trainer
         if t is None:
             raise RuntimeError("call fit() before predict() or evaluate()")
-        x = torch.as_tensor(np.asarray(x, dtype=np.int64))
+        x = torch.as_tensor(self._rows(x))
         rows = len(x)
         chunk = t.job.parallel.microbatches if t.dims.pp > 1 else 1
         if rows % chunk:  # the pipeline splits the batch into equal micro-batches
@@ -208,6 +217,17 @@ class DistributedModel:
         gathered = self.env.comm.allgather(mine if source else None)
         return next(g for g in gathered if g is not None)
 
+    def _rows(self, x, y=None):
+        """Rows of token ids (and labels) the trained model can read, as int64 arrays; else an
+        ArrayError (a ValueError) saying what is wrong, raised on every rank alike before any
+        rank starts a collective (a pipeline would otherwise wait on the failed rank)."""
+        from ..registry import ARCHS
+        from .instructions import model_inputs
+
+        cfg = self.model.config
+        limit = cfg.block_size if ARCHS[self.model.arch].attention else None
+        return model_inputs(x, y, vocab_size=cfg.vocab_size, block_size=limit)
+
     def predict(self, x, **kwargs):
         """Probabilities per row: over the next token after each row (language model; the
         distribution at the row's last position) or over the labels (classifier). Rows of token
@@ -230,6 +250,8 @@ class DistributedModel:
 
         import numpy as np
 
+        if y is not None:
+            x, y = self._rows(x, y)
         t0 = time.perf_counter()
         logits = self._logits(x)
         seconds = time.perf_counter() - t0

@@ -38,9 +38,38 @@ def step_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:06d}"
 
 
-def latest_complete(run: Path) -> Path | None:
+def latest_complete(run: Path, warn=None) -> Path | None:
+    """The newest checkpoint marked complete whose files are all there as saved; a damaged one
+    (a shard file deleted or cut, state.json unreadable) is passed over for the one before,
+    with `warn(message)`."""
     done = sorted(p.parent for p in (run / "checkpoints").glob("step-*/COMPLETE"))
-    return done[-1] if done else None
+    for d in reversed(done):
+        reason = damaged(d)
+        if reason is None:
+            return d
+        if warn is not None:
+            warn(f"checkpoint {d} is damaged ({reason}): passed over for the one before it")
+    return None
+
+
+def damaged(d: Path) -> str | None:
+    """Why checkpoint folder `d` cannot be resumed from, or None. Checks what state.json
+    recorded of the shard files (their names and sizes), not their contents."""
+    if not (d / STATE).exists():
+        return None if (d / "rank-00000.json").exists() else f"{STATE} is missing"
+    try:
+        info = json.loads((d / STATE).read_text())
+        files = info.get("files", {})
+        int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{STATE} is unreadable"
+    for name, size in files.items():
+        f = d / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def _optimizer_state(p, optimizer, create: bool) -> dict:
@@ -79,8 +108,10 @@ def save(run: Path, step: int, rank: int, named_params, optimizer, scheduler, me
         state_dict(named_params, optimizer),
         storage_writer=HuggingFaceStorageWriter(str(d), save_distributed=True),
     )
-    if rank == 0:
-        info = {"format": "dcp", "step": step, **meta, "scheduler": scheduler.state_dict()}
+    if rank == 0:  # every rank's files are written when DCP's save returns (it gathers them)
+        files = {f.name: f.stat().st_size for f in sorted(d.glob("*.safetensors"))}
+        info = {"format": "dcp", "step": step, **meta, "files": files,
+                "scheduler": scheduler.state_dict()}  # fmt: skip
         (d / STATE).write_text(json.dumps(info, sort_keys=True, default=float))
 
 
@@ -115,19 +146,34 @@ def load(d: Path, rank: int, named_params, optimizer, scheduler, meta: dict) -> 
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     info = json.loads((d / STATE).read_text())
-    for key, what in (("batch_size", "train.batch_size"), ("arch", "model.arch")):
-        if info.get(key) != meta.get(key):
-            raise ConfigError(
-                f"checkpoint {d} was saved with {what} = {info.get(key)}, this run has "
-                f"{meta.get(key)}: the steps and data position it counts are in its own terms; "
-                f"keep {what} = {info.get(key)}, or start a new output folder"
-            )
+    problem = mismatch(info, meta)
+    if problem:
+        raise ConfigError(f"checkpoint {d} {problem}")
     wanted = state_dict(named_params, optimizer, create=True)
     reader = HuggingFaceStorageReader(str(d))
     _check_same_model(d, reader.read_metadata(), wanted)
     dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(d)))
     _restore_scheduler(optimizer, scheduler, info["scheduler"])
     return int(info["step"])
+
+
+def mismatch(info: dict, meta: dict) -> str | None:
+    """What keeps a run described by `meta` from resuming a checkpoint whose state.json is
+    `info` (the layout may differ; the model kind and the batch size may not)."""
+    if info.get("arch") != meta.get("arch"):
+        return (
+            f"holds a {info.get('arch')} model, this run builds a {meta.get('arch')} model "
+            "(from [model] arch, or the init_from folder's config); resume with the model it "
+            "was trained as, or start a new output folder"
+        )
+    if info.get("batch_size") != meta.get("batch_size"):
+        return (
+            f"was saved with train.batch_size = {info.get('batch_size')}, this run has "
+            f"{meta.get('batch_size')}: its steps and data position count batches of "
+            f"{info.get('batch_size')} rows; keep train.batch_size = {info.get('batch_size')} "
+            "(change grad_accum to fit memory), or start a new output folder"
+        )
+    return None
 
 
 def _check_same_model(d: Path, saved, wanted: dict) -> None:

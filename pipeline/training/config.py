@@ -164,6 +164,12 @@ def check(cfg: TrainJob, where: str) -> None:
         t.steps >= 1 and t.batch_size >= 1 and t.grad_accum >= 1,
         "train.steps, train.batch_size, train.grad_accum must be >= 1",
     )
+    c = cfg.checkpoint
+    need(
+        c.every >= 0 and c.keep >= 1,
+        f"checkpoint.every ({c.every}) must be >= 0 (0: only at the end and on a signal) and "
+        f"checkpoint.keep ({c.keep}) >= 1",
+    )
     need(
         p.schedule in SCHEDULES,
         f"parallel.schedule is {p.schedule!r}; expected one of {', '.join(SCHEDULES)}",

@@ -286,6 +286,35 @@ def _check_range(a: np.ndarray, name: str, vocab_size: int | None) -> None:
         )
 
 
+def model_inputs(x, y=None, *, vocab_size: int | None, block_size: int | None):
+    """Rows of token ids for predict/evaluate, checked as fit checks them: x (rows, length) of
+    ids below vocab_size, at most block_size long; with y (evaluate), one id a row. Returns x,
+    or (x, y) when y is given; an ArrayError otherwise."""
+    if x is None:
+        raise ArrayError("x is None; expected rows of token ids (rows, length)")
+    x = _token_ids(x, "x")
+    if x.ndim != 2 or x.size == 0:
+        raise ArrayError(
+            f"x has shape {x.shape}; expected at least one row of token ids (rows, length): "
+            "x.reshape(1, -1) for one row"
+        )
+    _check_range(x, "x", vocab_size)
+    if block_size is not None and x.shape[1] > block_size:
+        raise ArrayError(
+            f"x's rows are {x.shape[1]} tokens long; the model's block_size is {block_size}: "
+            f"keep at most {block_size} tokens a row"
+        )
+    if y is None:
+        return x
+    y = _token_ids(y, "y")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != len(x):
+        raise ArrayError(f"y has shape {y.shape}; expected one label a row of x, ({len(x)},)")
+    _check_range(y, "y", vocab_size)
+    return x, y
+
+
 class ArrayData(InstructionData):
     """In-memory arrays (the Python API's fit(x, y)): token ids x (N, L); with y (N,), the
     next token after each row (the loss on the last position only); without, x itself as a

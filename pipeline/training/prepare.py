@@ -60,11 +60,11 @@ def build_token_cache(job: TrainJob, run: Path, init_from: str | None, instruct:
         "corpus": corpus["identity"],
         "text_column": d.text_column,
         "label_column": d.label_column if classifier else None,
-        "tokenizer": tokenizer and str(Path(tokenizer).resolve()),
         "vocab_size": None if tokenizer else d.vocab_size,
         "seq_len": d.seq_len if classifier or instruct else None,
         "instructions": list(columns) or None,
-        # what the tokens are made with, by content: a template edited in place counts
+        # the tokenizer by content, not by where it lies: a template edited in place counts, a
+        # folder moved elsewhere is the same tokenizer
         "tokenizer_sha256": _tokenizer_digest(tokenizer, init_from),
     }
     source_file = run / "data" / "source.json"

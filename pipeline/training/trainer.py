@@ -444,7 +444,8 @@ class Trainer:
 
     def resume(self) -> int:
         """The step to start from: after the latest complete checkpoint, or 0."""
-        d = ckpt.latest_complete(self.run)
+        say = (lambda m: print(f"fastserve: {m}", file=sys.stderr)) if self.env.rank == 0 else None
+        d = ckpt.latest_complete(self.run, warn=say)
         if d is None:
             return 0
         self.resumed_layout = ckpt.saved_layout(d)
@@ -509,10 +510,10 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
                 log(self.progress_line(record))
             every = job.checkpoint.every
-            if last or (every and (step + 1) % every == 0):
+            stop = not last and self._should_stop()  # a signal: save and leave, whatever step
+            if stop or last or (every and (step + 1) % every == 0):
                 self.save(step + 1)
-            elif self._should_stop():
-                self.save(step + 1)
+            if stop:
                 if self.env.rank == 0:
                     log(
                         f"signal {self.stop_requested or ''}: checkpoint at step {step + 1} saved; exit {REQUEUE_EXIT_CODE} to be requeued"
