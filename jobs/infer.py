@@ -107,7 +107,12 @@ def _overrides(**flags) -> dict:
     help="Over-long text: truncate (flagged) or reject [truncate].",
 )
 @click.option("--device", type=click.Choice(DEVICES), help="[auto]")
-@click.option("--dtype", type=click.Choice(DTYPES), help="[auto: float32 on cpu, bfloat16 on cuda]")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    help="int8: CPU, encoder tasks, checked against float32 on each worker's first rows "
+    "[auto: float32 on cpu, bfloat16 on cuda].",
+)
 @click.option("--workers", type=int, help="Dask worker processes to start [2].")
 @click.option("--threads-per-worker", type=int, help="Torch threads per worker [cores / workers].")
 @click.option("--scheduler-address", help="Use a running Dask scheduler instead of starting one.")

@@ -20,6 +20,8 @@ import click
 from fastserve.pipeline.counts import Counts
 from fastserve.pipeline.errors import UserError
 from fastserve.pipeline.manifest import RunDir
+from fastserve.pipeline.models.int8_check import describe as describe_int8
+from fastserve.pipeline.models.int8_check import summarize as summarize_int8
 
 from .progress import usage_line
 
@@ -32,6 +34,12 @@ class InferRun:
     shards_planned: int
     records: list[dict]
     summaries: list[dict] = field(default_factory=list)
+    dtype: str = "auto"
+
+    @property
+    def int8_check(self) -> dict | None:
+        """dtype int8: the workers' checks against float32, added up."""
+        return summarize_int8(self.records)
 
     @property
     def counts(self) -> Counts:
@@ -76,7 +84,15 @@ def load_run(path: str | Path) -> InferRun | TrainRun:
     records.sort(key=lambda r: r["started"])
     summaries = [e for e in run.run_entries() if "finished" in e]
     fields_ = info["fingerprint"]["fields"]
-    return InferRun(p, fields_["task"], fields_["model"], len(live), records, summaries)
+    return InferRun(
+        p,
+        fields_["task"],
+        fields_["model"],
+        len(live),
+        records,
+        summaries,
+        fields_.get("model.dtype", "auto"),
+    )
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -182,6 +198,11 @@ def markdown(runs: list, images: list[Path], title: str, extra: str = "") -> str
         for r in infer:
             if r.counts.usage:
                 lines.append(f"\n`{r.path.name}` {usage_line(r.counts.usage)}.")
+            check = r.int8_check
+            if check:
+                lines.append(
+                    f"\n`{r.path.name}` ({r.dtype}) {describe_int8(check, check['threshold'])}."
+                )
             if r.counts.rejected_by_reason:
                 why = ", ".join(f"{k} {v}" for k, v in r.counts.rejected_by_reason.items())
                 lines.append(f"\n`{r.path.name}` rejected: {why} (rows in `_rejected/`).")

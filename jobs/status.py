@@ -15,6 +15,8 @@ from fastserve.pipeline.counts import Counts
 from fastserve.pipeline.errors import UserError
 from fastserve.pipeline.ledger import complete_records, read_ledger
 from fastserve.pipeline.manifest import RunDir
+from fastserve.pipeline.models.int8_check import describe as describe_int8
+from fastserve.pipeline.models.int8_check import summarize as summarize_int8
 
 from .progress import usage_line
 from .slurm_job import job_state
@@ -58,8 +60,11 @@ def status(output: str) -> None:
         state = "incomplete: rerun the same command to finish"
     f = fp["fields"]
     click.echo(f"run folder   {output}")
+    dtype = f.get("model.dtype")
     click.echo(
-        f"fingerprint  {fp['sha']}  (task {f['task']}, model {f['model']}, schema {f['schema']})"
+        f"fingerprint  {fp['sha']}  (task {f['task']}, model {f['model']}"
+        + (f", dtype {dtype}" if dtype not in (None, "auto") else "")
+        + f", schema {f['schema']})"
     )
     click.echo(f"state        {state}")
     click.echo(f"shards       {len(records)} of {len(ledger.live)} complete")
@@ -70,6 +75,9 @@ def status(output: str) -> None:
         click.echo("rejected     " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
     if t.usage:
         click.echo("usage        " + usage_line(t.usage))
+    check = summarize_int8(records.values())
+    if check:
+        click.echo("int8 check   " + describe_int8(check, check["threshold"]))
     if model_s > 0:
         click.echo(f"throughput   {rows_in / model_s:.1f} rows/s of model time")
     if records:

@@ -135,6 +135,10 @@ def fingerprint(job: JobConfig) -> dict:
         "schema": f"{job.task.name}.v{schemas.load(job.task.name).version}",
         "fastserve": __version__.rsplit(".", 1)[0],  # patch releases do not change results
     }
+    if job.model.dtype == "int8":  # how it is quantized decides the rows too
+        from .models.int8_check import SCHEME
+
+        fields["model.int8"] = SCHEME
     if job.task.catalogue:
         from .catalogue import catalogue_identity
 

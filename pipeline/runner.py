@@ -44,6 +44,9 @@ class ShardResult:
     """With `error`: the shard's files that could not be read (key -> why); the others are fine."""
     skipped: bool = False
     """True when the shard was already complete and nothing was done."""
+    int8_check: dict | None = None
+    """dtype int8: the part of this worker's check against float32 done in this shard
+    (models/int8_check.py)."""
 
 
 # One shard in the model at a time per process. A worker may run two shards at once (executors
@@ -168,16 +171,26 @@ def run_shard(
             result.error, result.fatal = str(e), True
             return result
         t_loaded = time.perf_counter()
+        texts = [data.texts[i] for i in good]
+        ids = [data.ids[i] for i in good]
+        extra = {c: [v[i] for i in good] for c, v in data.extra.items()}
         if good:
-            out = task.process(
-                [data.texts[i] for i in good],
-                [data.ids[i] for i in good],
-                {c: [v[i] for i in good] for c, v in data.extra.items()},
-            )
+            out = task.process(texts, ids, extra)
         else:  # every row rejected already: nothing for the model
             out = TaskOutput(
                 kept=[], columns={f.name: [] for f in task.schema.fields if f.name != "id"}
             )
+        t_model = time.perf_counter()
+        if job.model.dtype == "int8" and good:  # the worker's first rows in float32 too
+            from .models.int8_check import DEFAULT_MIN_AGREEMENT, check_int8
+
+            threshold = job.model.int8_min_agreement
+            threshold = DEFAULT_MIN_AGREEMENT if threshold is None else threshold
+            try:
+                result.int8_check = check_int8(task, texts, ids, extra, threshold, got=out)
+            except UserError as e:  # below the threshold: the run stops, nothing is written
+                result.error, result.fatal = str(e), True
+                return result
         t2 = time.perf_counter()
     kept = [good[k] for k in out.kept]
     bad += [(good[k], reason, detail) for k, reason, detail in out.rejected]
@@ -222,9 +235,11 @@ def run_shard(
         "read": t1 - t0,
         "wait": t_lock - t1,  # for the other shard of this worker to leave the model
         "load": t_loaded - t_lock,  # the model's load, on a worker's first shard (unless warm)
-        "model": t2 - t_loaded,
+        "model": t_model - t_loaded,
         "write": t3 - t2,
     }
+    if result.int8_check is not None:
+        result.seconds["check"] = t2 - t_model  # its rows in float32
     if result.rows_in != result.rows_out + result.rows_rejected:  # invariant 1: nothing lost
         raise AssertionError(
             f"shard {shard.id}: {result.rows_in} in != {result.rows_out} + {result.rows_rejected}"

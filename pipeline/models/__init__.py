@@ -5,8 +5,10 @@ from __future__ import annotations
 from ..errors import ModelError
 from ..registry import ARCHS
 from .hf import (
+    INT8_KINDS,
     KIND_NAMES,
     LoadedModel,
+    as_int8,
     check_checkpoint,
     check_tokenizer,
     check_weights,
@@ -37,13 +39,21 @@ def load_model(path: str, kind: str, device: str = "auto", dtype: str = "auto") 
     from .checkpoint import is_checkpoint, load_checkpoint
 
     check_model_folder(path, kind)
+    if dtype == "int8" and kind not in INT8_KINDS:
+        raise ModelError(
+            f"model.dtype int8 is for encoders; the task needs {KIND_NAMES[kind]}: use "
+            "--dtype float32 (or bfloat16 on a GPU)"
+        )
     if not is_checkpoint(path):
         return load_hf(path, kind, device, dtype)
     dev = resolve_device(device)
     model, tokenizer, meta = load_checkpoint(path, dev, resolve_dtype(dtype, dev))
     if meta["arch"] == "classifier":
         model = ClassifierAdapter(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, path=path, backend="fastserve")
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, device=dev, path=path, backend="fastserve"
+    )
+    return as_int8(loaded) if dtype == "int8" else loaded
 
 
 class ClassifierAdapter:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,13 @@ class LoadedModel:
     path: str
     backend: str = "hf"
     """hf (a transformers model) or fastserve (models/checkpoint.py)."""
+    reference: Any = None
+    """dtype int8: the float32 model the worker's first rows are checked against
+    (models/int8_check.py); None once they are."""
+    int8: dict | None = None
+    """dtype int8: what quantize.py made of the model (quantize.describe)."""
+    checked: dict = field(default_factory=dict)
+    """dtype int8: the worker's check so far (rows seen, the sums compared)."""
 
 
 def resolve_device(device: str):
@@ -65,12 +72,50 @@ def resolve_device(device: str):
     return torch.device(device)
 
 
+INT8_ON_GPU = (
+    "model.dtype int8 runs on CPU only (fbgemm's int8 kernels); on a GPU use --dtype bfloat16"
+)
+
+
 def resolve_dtype(dtype: str, device):
+    """The torch dtype the weights are loaded in; int8 loads float32, quantized after
+    (models/quantize.py), and only on CPU."""
     import torch
 
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise ModelError(INT8_ON_GPU)
+        return torch.float32
     return getattr(torch, dtype)
+
+
+# The model kinds int8 serves: encoders (their tasks are sentiment, classify, embed, rerank, qa
+# and recommend); generation (causal-lm, seq2seq-lm) is refused when the job is loaded.
+INT8_KINDS = ("sequence-classification", "encoder", "question-answering")
+
+
+def as_int8(loaded: LoadedModel) -> LoadedModel:
+    """`loaded` (float32, CPU) with its model quantized to int8 (models/quantize.py, calibrated on
+    a fixed set of texts), the float32 model kept as `reference` for the run's check."""
+    import copy
+
+    from torch import nn
+
+    from .quantize import calibration_inputs, describe, quantize_int8
+
+    reference = loaded.model
+    model = copy.deepcopy(reference)
+    module = model if isinstance(model, nn.Module) else model.model  # a ClassifierAdapter
+    limits = [256, int(loaded.tokenizer.model_max_length)]
+    pos = getattr(model.config, "max_position_embeddings", None)
+    if pos:
+        limits.append(int(pos))
+    batches = calibration_inputs(loaded.tokenizer, max_length=min(limits), n=128)
+    quantize_int8(module, batches, call=lambda b: model(**b))
+    loaded.model, loaded.reference, loaded.int8 = model, reference, describe(module)
+    return loaded
 
 
 def read_model_config(path: str) -> dict:
@@ -192,6 +237,11 @@ def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> 
     transformers.utils.logging.set_verbosity_error()
     check_checkpoint(path, kind)
     dev = resolve_device(device)
+    if dtype == "int8" and kind not in INT8_KINDS:
+        raise ModelError(
+            f"model.dtype int8 is for encoders; the task needs {KIND_NAMES[kind]}: use "
+            "--dtype float32 (or bfloat16 on a GPU)"
+        )
     auto = {
         "sequence-classification": AutoModelForSequenceClassification,
         "causal-lm": AutoModelForCausalLM,
@@ -219,4 +269,5 @@ def load_hf(path: str, kind: str, device: str = "auto", dtype: str = "auto") -> 
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model folder {path} has no fast tokenizer (tokenizer.json); add one")
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, path=path)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, device=dev, path=path)
+    return as_int8(loaded) if dtype == "int8" else loaded
