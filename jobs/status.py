@@ -120,7 +120,7 @@ def training_status(folder: Path) -> None:
         layout = starts[-1].get("layout") or {}
         click.echo(
             f"layout       dp {layout.get('dp', 1)} x tp {layout.get('tp', 1)} x pp "
-            f"{layout.get('pp', 1)} ({starts[-1]['world_size']} ranks)"
+            f"{layout.get('pp', 1)} ({starts[-1]['world_size']} rank{'s' if starts[-1]['world_size'] != 1 else ''})"
         )
     click.echo(f"steps        {done}" + (f" of {target}" if target else "") + " done")
     if metrics:

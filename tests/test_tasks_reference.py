@@ -57,22 +57,26 @@ def test_greedy_generation_is_token_identical_to_generate(gpt2):
         ]
 
 
-def test_decode_slots_follow_the_kv_budget():
+def test_decode_slots_balance_the_kv_cache_and_the_weights():
     from transformers import GPT2Config, LlamaConfig
 
     from fastserve.pipeline.models.decoding import auto_slots, kv_bytes_per_token
 
     small = GPT2Config(n_layer=12, n_embd=768, n_head=12)  # GPT-2-small: 72 KiB a token
     assert kv_bytes_per_token(small) == 2 * 12 * 768 * 4
-    assert auto_slots(small, "cpu", [20] * 500, [100] * 500) == 128  # the CPU's most
-    assert auto_slots(small, "cpu", [20] * 5, [100] * 5) == 5  # never more than the rows
+    weights = 124_000_000 * 4
+    # rows of 85 tokens: 6.3 MB of cache each, 79 of them weigh what the weights do
+    assert auto_slots(small, "cpu", [17] * 500, [68] * 500, weights=weights) == 79
+    # longer rows: fewer of them (their cache, not the weights, would bound the step)
+    assert auto_slots(small, "cpu", [17] * 500, [132] * 500, weights=weights) == 45
+    assert auto_slots(small, "cpu", [2] * 500, [2] * 500, weights=weights) == 128  # the most
+    assert auto_slots(small, "cpu", [17] * 5, [68] * 5, weights=weights) == 5  # no more than rows
     big = LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
                       num_key_value_heads=8)  # fmt: skip
-    # 256 KiB a token in fp32 (8 kv heads): 2 GiB hold 16 rows of 500 tokens
-    assert kv_bytes_per_token(big) == 256 << 10
-    assert auto_slots(big, "cpu", [250] * 100, [250] * 100) == 16
-    assert auto_slots(big, "cpu", [4000] * 100, [4000] * 100) == 8  # at least 8
-    assert auto_slots(big, "cuda", [500] * 1000, [500] * 1000, dtype_bytes=2) == 65  # 8 GiB
+    assert kv_bytes_per_token(big) == 256 << 10  # fp32, 8 kv heads
+    # 7B in bf16 (14 GiB) on a GPU, rows of 1000 tokens at 128 KiB a token: 114 rows
+    assert auto_slots(big, "cuda", [500] * 1000, [500] * 1000, 2, weights=14 << 30) == 114
+    assert auto_slots(big, "cpu", [4000] * 100, [4000] * 100, weights=1 << 30) == 8  # at least
 
 
 def test_greedy_identical_when_refills_are_longer_than_the_running_cache(gpt2):

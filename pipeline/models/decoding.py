@@ -25,12 +25,14 @@ class Sampling:
     seed: int = 0
 
 
-# Decode slots when task.batch_size is unset: as many rows as a KV-cache budget holds, within
-# bounds. A decode step reads every weight once whatever the rows, so on a CPU more rows per step
-# are nearly free until the cache and attention grow (measured, GPT-2-small, 2 threads: 64 rows
-# 101 ms a step, 128 rows 156 ms, 256 rows 304 ms: past 128 no gain).
-KV_BUDGET = {"cpu": 2 << 30, "cuda": 8 << 30}
+# Decode slots when task.batch_size is unset. A decode step is bound by memory traffic: it reads
+# every weight once whatever the rows, and each row's keys and values. More rows are nearly free
+# while their cache is small beside the weights, and buy nothing once it dominates (each row then
+# brings as many bytes as it gets work). So: as many rows as make their cache about the weights'
+# size, at their mean length, within bounds (measured, GPT-2-small, 2 threads, ~30-token cache:
+# 64 rows 101 ms a step, 128 rows 156 ms, 256 rows 304 ms).
 SLOTS_MAX = {"cpu": 128, "cuda": 512}
+SLOTS_MIN = 8
 
 
 def kv_bytes_per_token(config, dtype_bytes: int = 4) -> int:
@@ -43,16 +45,18 @@ def kv_bytes_per_token(config, dtype_bytes: int = 4) -> int:
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
-def auto_slots(config, device, lengths: list[int], limits: list[int], dtype_bytes: int = 4) -> int:
-    """Rows to decode together: the KV budget over a row's mean length (prompt + new tokens),
-    between 8 and the device's most (never more rows than there are)."""
+def auto_slots(
+    config, device, lengths: list[int], limits: list[int], dtype_bytes: int = 4, weights: int = 0
+) -> int:
+    """Rows to decode together: a KV cache (at the rows' mean length, prompt + new tokens) about
+    the size of the `weights` (bytes), between 8 and the device's most, never more than the rows."""
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
     if not lengths:
         return 1
     mean = sum(a + b for a, b in zip(lengths, limits, strict=True)) / len(lengths)
     per_row = max(1.0, mean) * kv_bytes_per_token(config, dtype_bytes)
-    fits = int(KV_BUDGET[kind] // per_row)
-    return max(1, min(len(lengths), SLOTS_MAX[kind], max(8, fits)))
+    fits = int(weights // per_row)
+    return max(1, min(len(lengths), SLOTS_MAX[kind], max(SLOTS_MIN, fits)))
 
 
 def row_generator(seed: int, row_id: str) -> torch.Generator:

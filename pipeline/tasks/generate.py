@@ -168,6 +168,7 @@ class GenerateTask(ModelTask):
                     [len(prompts[i]) for i in todo],
                     [limits[i] for i in todo],
                     next(self.loaded.model.parameters()).element_size(),
+                    sum(q.numel() * q.element_size() for q in self.loaded.model.parameters()),
                 ),
                 constraints=constraints,
             )
