@@ -47,6 +47,7 @@ def _overrides(**flags) -> dict:
         "output": ("output", "path"),
         "overwrite": ("output", "overwrite"),
         "output_format": ("output", "format"),
+        "output_schema": ("output", "schema"),
         "workers": ("cluster", "workers"),
         "threads_per_worker": ("cluster", "threads_per_worker"),
         "scheduler_address": ("cluster", "scheduler_address"),
@@ -133,6 +134,11 @@ def _overrides(**flags) -> dict:
     "--output-format",
     type=click.Choice(OUTPUT_FORMATS),
     help="batch-jsonl: also write Batch-API responses (_batch/results.jsonl, errors.jsonl) [parquet].",
+)
+@click.option(
+    "--output-schema",
+    type=int,
+    help="Write version N of the task's output schema (data_schemas/<task>.vN.json) [the newest; a rerun keeps its folder's].",
 )
 def infer(config_file, **flags) -> None:
     """Run a task over a Parquet corpus; write one Parquet file per input shard.

@@ -18,7 +18,7 @@ def check_job(job: JobConfig) -> None:
 
     if job.model.path or not needs_no_model(job.task):
         check_model(job.model, job.task)
-    names = output_schema(job.task.name).arrow.names
+    names = [f.name for f in output_schema(job.task.name).fields]
     clash = [c for c in job.input.keep_columns if c in names]
     if clash:
         raise ConfigError(

@@ -25,7 +25,7 @@ from typing import Any
 
 import tomllib
 
-from . import registry
+from . import registry, schemas
 from .errors import ConfigError
 
 # A JSON value held as its canonical text (sorted keys), so a config stays hashable; a job file
@@ -255,6 +255,11 @@ class OutputConfig:
     format: str = "parquet"
     """parquet (the run folder), or batch-jsonl: also Batch-API response files, _batch/results.jsonl
     and _batch/errors.jsonl, written from the run folder whenever a run completes it."""
+    schema: int = 0
+    """The version of the task's output schema written (data_schemas/<task>.v<N>.json). 0: the
+    newest for a new run folder, and the one a run folder was started with for a rerun into it
+    (a nightly folder keeps one schema when FastServe adds a version). N: that version, for
+    readers that expect it."""
 
 
 @dataclass(frozen=True)
@@ -549,6 +554,15 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
         cfg.output.format in OUTPUT_FORMATS,
         f"output.format is {cfg.output.format!r}; expected one of {', '.join(OUTPUT_FORMATS)}",
     )
+    if cfg.task.name in TASKS and cfg.output.schema:
+        name = registry.TASKS[cfg.task.name].schema
+        have = schemas.versions(name)
+        need(
+            cfg.output.schema in have,
+            f"output.schema is {cfg.output.schema}; task {cfg.task.name} writes "
+            f"{', '.join(f'{name}.v{v}' for v in have)} (data_schemas/): give one of "
+            f"{', '.join(map(str, have))}, or 0 for the newest",
+        )
     need(cfg.cluster.workers > 0, f"cluster.workers must be > 0, got {cfg.cluster.workers}")
     need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import __version__, schemas
@@ -108,6 +108,23 @@ LATER_OPTIONS = (
 )
 
 
+def keep_folder_schema(job: JobConfig, bound: dict | None) -> JobConfig:
+    """`job` as it reruns into a folder bound to `bound` (its run record): a folder started with an
+    earlier version of the task's output schema goes on writing that version (output.schema = 0
+    only, and not with --overwrite, which starts it afresh), so one folder never mixes two and
+    a nightly run is not refused for a FastServe upgrade that added a schema version."""
+    if job.output.schema or job.output.overwrite or not bound:
+        return job
+    name = f"{job.task.name}.v"
+    was = str(((bound.get("fingerprint") or {}).get("fields") or {}).get("schema", ""))
+    if not (was.startswith(name) and was[len(name) :].isdigit()):
+        return job
+    version = int(was[len(name) :])
+    if version == schemas.latest(job.task.name) or version not in schemas.versions(job.task.name):
+        return job
+    return replace(job, output=replace(job.output, schema=version))
+
+
 def fingerprint(job: JobConfig) -> dict:
     """{'sha': identity, 'fields': what it was computed from} for `job`."""
     task = {
@@ -132,7 +149,7 @@ def fingerprint(job: JobConfig) -> dict:
         "input.text_column": job.input.text_column,
         "input.id_column": job.input.id_column,
         "input.keep_columns": list(job.input.keep_columns),
-        "schema": f"{job.task.name}.v{schemas.load(job.task.name).version}",
+        "schema": f"{job.task.name}.v{job.output.schema or schemas.latest(job.task.name)}",
         "fastserve": __version__.rsplit(".", 1)[0],  # patch releases do not change results
     }
     if job.model.dtype == "int8":  # how it is quantized decides the rows too

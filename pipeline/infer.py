@@ -26,7 +26,7 @@ from .config import JobConfig
 from .counts import Counts
 from .dedupe import find_duplicates, pending_hashes, written_hashes
 from .errors import InputError, ModelError, RunStateError, Stopped
-from .fingerprint import fingerprint
+from .fingerprint import fingerprint, keep_folder_schema
 from .inputs import resolve_inputs
 from .ledger import Plan, complete_records, extend, read_ledger, remove_withdrawn
 from .manifest import RunDir, atomic_write_bytes, atomic_write_json
@@ -118,8 +118,13 @@ def run_infer(
         job = resolve_catalogue(job, share)
     if job.task.candidates:  # rerank a recommend run's items
         check_candidates(job.task)
-    fp = fingerprint(job)
     run = RunDir.at(job.output.path)
+    try:
+        bound = run.read_run() if run.root.is_dir() else None
+    except OSError as e:
+        raise RunStateError(write_error(e, run)) from None
+    job = keep_folder_schema(job, bound)
+    fp = fingerprint(job)
     try:
         run.bind(fp, job.output.overwrite)
         with run.lock():

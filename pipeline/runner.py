@@ -203,6 +203,8 @@ def run_shard(
     )
     columns = {"id": [data.ids[i] for i in written], **out.columns}
     table = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+    if job.output.schema and job.output.schema != task.schema.version:  # an earlier version
+        table = schemas.as_version(table, schemas.load(task.schema.name, job.output.schema))
     if data.keep.num_columns:
         taken = data.keep.take(pa.array(written, type=pa.int64()))
         for name in taken.column_names:

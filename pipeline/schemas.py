@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
@@ -29,6 +29,8 @@ _TYPES = {
         )
     ),
 }
+# Types whose size the data decides (the model's dimension): a task gives it (TableSchema.sized).
+_SIZED = {"fixed_size_list<float32>": pa.float32()}
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,26 @@ class TableSchema:
     version: int
     doc: str
     fields: tuple[FieldSpec, ...]
+    sizes: tuple[tuple[str, int], ...] = ()
+    """The list size of each fixed-size field, as the task knows it (embed: the model's hidden
+    size); see `sized`."""
+
+    def sized(self, **sizes: int) -> TableSchema:
+        """This schema with the sizes of its fixed-size list fields."""
+        return replace(self, sizes=tuple(sorted({**dict(self.sizes), **sizes}.items())))
+
+    def _type(self, f: FieldSpec) -> pa.DataType:
+        if f.type in _SIZED:
+            size = dict(self.sizes).get(f.name)
+            if size is None:
+                raise ValueError(f"{self.ref}: field {f.name!r} needs its size (TableSchema.sized)")
+            return pa.list_(_SIZED[f.type], size)
+        return _TYPES[f.type]
 
     @property
     def arrow(self) -> pa.Schema:
         return pa.schema(
-            [pa.field(f.name, _TYPES[f.type], nullable=f.nullable) for f in self.fields],
+            [pa.field(f.name, self._type(f), nullable=f.nullable) for f in self.fields],
             metadata={"fastserve.schema": f"{self.name}.v{self.version}"},
         )
 
@@ -68,14 +85,26 @@ class TableSchema:
         return f"data_schemas/{self.name}.v{self.version}.json"
 
 
-def latest(name: str) -> int:
-    """The newest declared version of table `name` (what FastServe writes now)."""
+def versions(name: str) -> list[int]:
+    """The declared versions of table `name`, ascending."""
     prefix = f"{name}.v"
-    return max(
+    return sorted(
         int(p.name[len(prefix) : -len(".json")])
         for p in resources.files("fastserve.data_schemas").iterdir()
         if p.name.startswith(prefix) and p.name.endswith(".json")
     )
+
+
+def latest(name: str) -> int:
+    """The newest declared version of table `name` (what FastServe writes now)."""
+    return versions(name)[-1]
+
+
+def as_version(table: pa.Table, older: TableSchema) -> pa.Table:
+    """`table`, written in a newer version of `older`'s table, as `older` (its fields, in its
+    order and types: a later version adds fields or widens a type, so this drops and casts)."""
+    target = older.arrow
+    return table.select(target.names).cast(target)
 
 
 @cache
@@ -96,7 +125,7 @@ def load(name: str, version: int | None = None) -> TableSchema:
         for f in raw["fields"]
     )
     for f in fields:
-        if f.type not in _TYPES:
+        if f.type not in _TYPES and f.type not in _SIZED:
             raise ValueError(
                 f"{name}.v{version}.json: field {f.name!r} has unknown type {f.type!r}"
             )

@@ -39,8 +39,8 @@ def infer(task, model, c, out, *extra, check=True):
     )
 
 
-def assert_declared_schema(out, task):
-    declared = schemas.load(task).arrow
+def assert_declared_schema(out, task, **sizes):
+    declared = schemas.load(task).sized(**sizes).arrow
     for part in out.glob("part-*.parquet"):
         schema = pq.read_schema(part)
         assert schema.names == declared.names
@@ -133,12 +133,53 @@ def test_embed_end_to_end_equals_the_reference(tmp_path):
         _task_file(tmp_path, normalize=True),
     )
     got = read_sorted(tmp_path / "out")
-    assert_declared_schema(tmp_path / "out", "embed")
+    assert_declared_schema(tmp_path / "out", "embed", embedding=32)
+    assert got.schema.field("embedding").type == pa.list_(pa.float32(), 32)  # fixed-size
     order = sorted(range(60), key=lambda k: f"d{k // 20}-{k % 20}")
     ref = hf_embed(enc, [texts[k] for k in order], "mean", True)
     np.testing.assert_allclose(
         np.array(got.column("embedding").to_pylist()), np.array(ref), atol=1e-5
     )
+
+
+def test_a_folder_started_with_an_earlier_schema_version_keeps_it(tmp_path):
+    """output.schema = 1 writes embed.v1 (list<float32>); a rerun that names no version, with a
+    new input file, writes v1 too (one folder, one schema); its vectors are v2's; asking for v2
+    there is refused, an unknown version is a config error."""
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    enc = build_encoder(tmp_path / "enc")
+    c = tmp_path / "c"
+    corpus(c, n_files=2, rows=10)
+    old, new = tmp_path / "old", tmp_path / "new"
+    serial = ("--executor", "serial")
+    infer("embed", enc, c, old, *serial, "--output-schema", "1")
+    extra = sample_texts(5, seed=99, max_words=8)
+    pq.write_table(pa.table({"id": [f"x{i}" for i in range(5)], "text": extra}), c / "x.parquet")
+    infer("embed", enc, c, old, *serial)  # nightly: the same command, no version named
+    infer("embed", enc, c, new, *serial)
+    parts = sorted(old.glob("part-*.parquet"))
+    assert len(parts) == 2  # the first run's shard and the new file's
+    for part in parts:
+        s = pq.read_schema(part)
+        assert s.metadata[b"fastserve.schema"] == b"embed.v1"
+        assert s.field("embedding").type == pa.list_(pa.float32())
+    assert pq.read_schema(next(new.glob("part-*.parquet"))).metadata[b"fastserve.schema"] == (
+        b"embed.v2"
+    )
+    a, b = read_sorted(old), read_sorted(new)
+    assert a.column("id").to_pylist() == b.column("id").to_pylist() and a.num_rows == 25
+    np.testing.assert_array_equal(
+        np.array(a.column("embedding").to_pylist()), np.array(b.column("embedding").to_pylist())
+    )
+    assert ds.dataset(old).to_table().num_rows == 25  # the folder reads as one dataset
+    proc = infer("embed", enc, c, old, *serial, "--output-schema", "2", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "schema: 'embed.v1' -> 'embed.v2'" in proc.stderr
+    proc = infer("embed", enc, c, old, *serial, "--output-schema", "7", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "output.schema is 7; task embed writes embed.v1, embed.v2" in proc.stderr
 
 
 def test_a_missing_per_row_column_is_a_clear_error(tmp_path):

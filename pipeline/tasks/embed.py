@@ -64,6 +64,7 @@ class EmbedTask(ModelTask):
         self.normalize = (
             task_cfg.normalize if task_cfg.normalize is not None else st.get("normalize", False)
         )
+        self.schema = self.schema.sized(embedding=self.loaded.model.config.hidden_size)
         limit = model_max_length(self.loaded.tokenizer, self.loaded.model.config)
         self.max_length = task_cfg.max_length or min(st.get("max_length", limit), limit)
 
@@ -91,8 +92,8 @@ class EmbedTask(ModelTask):
     def process(self, texts: list[str], ids=None, extra=None) -> TaskOutput:
         vectors, kept, rows_in = self.vectors(texts)
         enc, dim = rows_in.enc, vectors.shape[1]
-        flat = pa.array(vectors[kept].reshape(-1), type=pa.float32())
-        column = pa.FixedSizeListArray.from_arrays(flat, dim).cast(pa.list_(pa.float32()))
+        # one flat float32 buffer, no Python list per row (v1 folders cast it: runner.py)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors[kept].reshape(-1)), dim)
         return TaskOutput(
             kept=kept,
             columns={
