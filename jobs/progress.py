@@ -80,10 +80,27 @@ class Progress:
             f"{'complete' if s.ok else 'incomplete'}: {t.shards}/{s.shards_total} shards, "
             f"rows in {t.rows_in} = out {t.rows_out} + rejected {t.rows_rejected}"
             + (f" ({reasons})" if reasons else "")
-            + f"; {s.seconds:.1f}s -> {s.output}"
+            + f"; {s.seconds:.1f}s"
+            + (f" (start-up {s.startup['first_batch']:.1f}s)" if "first_batch" in s.startup else "")
+            + f" -> {s.output}"
         )
         if t.usage:
             click.echo(usage_line(t.usage))
+
+
+def startup_line(startup: dict[str, float]) -> str:
+    """A run's start-up: from the command to its first batch in the model, and where it went
+    (seconds from the command's start; the workers start while the client plans)."""
+    labels = (("config", "config read"), ("planned", "planned"), ("cluster", "workers up"))
+    parts = [f"{label} at {startup[key]:.1f}s" for key, label in labels if key in startup]
+    if "load" in startup:
+        parts.append(f"model loaded on them in {startup['load']:.1f}s")
+    head = (
+        f"{startup['first_batch']:.1f}s from the command to the first batch"
+        if "first_batch" in startup
+        else "no batch ran"
+    )
+    return f"{head} ({', '.join(parts)})"
 
 
 def usage_line(usage: dict[str, int]) -> str:

@@ -23,7 +23,7 @@ from fastserve.pipeline.manifest import RunDir
 from fastserve.pipeline.models.int8_check import describe as describe_int8
 from fastserve.pipeline.models.int8_check import summarize as summarize_int8
 
-from .progress import usage_line
+from .progress import startup_line, usage_line
 
 
 @dataclass
@@ -216,6 +216,11 @@ def markdown(runs: list, images: list[Path], title: str, extra: str = "") -> str
                         f"{p['rows_rejected']:,} rejected"
                         + (", interrupted" if s.get("interrupted") else "")
                         + (f", {len(s['failed'])} failed" if s.get("failed") else "")
+                        + (
+                            f"; start-up {startup_line(s['startup'])}"
+                            if (s.get("startup") or {}).get("first_batch")
+                            else ""
+                        )
                     )
         lines.append("")
     if train:

@@ -18,7 +18,7 @@ from fastserve.pipeline.manifest import RunDir
 from fastserve.pipeline.models.int8_check import describe as describe_int8
 from fastserve.pipeline.models.int8_check import summarize as summarize_int8
 
-from .progress import usage_line
+from .progress import startup_line, usage_line
 from .slurm_job import job_state
 
 
@@ -80,6 +80,9 @@ def status(output: str) -> None:
         click.echo("int8 check   " + describe_int8(check, check["threshold"]))
     if model_s > 0:
         click.echo(f"throughput   {rows_in / model_s:.1f} rows/s of model time")
+    started = [e for e in ended if (e.get("startup") or {}).get("first_batch")]
+    if started:
+        click.echo(f"start-up     {startup_line(started[-1]['startup'])} (last run that ran one)")
     if records:
         last = max(r["finished"] for r in records.values())
         click.echo(f"last shard   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")

@@ -31,6 +31,7 @@ from .inputs import resolve_inputs
 from .ledger import Plan, complete_records, extend, read_ledger, remove_withdrawn
 from .manifest import RunDir, atomic_write_bytes, atomic_write_json
 from .plan import Shard
+from .prestart import Prestarted
 from .runner import ShardResult, is_complete, run_shard, warm, write_error
 
 if TYPE_CHECKING:
@@ -66,12 +67,24 @@ class RunSummary:
     processed: Counts = field(default_factory=Counts)
     """What this run itself processed."""
     seconds: float = 0.0
+    startup: dict[str, float] = field(default_factory=dict)
+    """Where the time went before the first batch entered the model (see `_Run.go`)."""
     dashboard: str | None = None
     interrupted: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.interrupted and self.totals.shards == self.shards_total
+
+
+def process_started(default: float) -> float:
+    """When this process started (epoch seconds): the command's start, for its start-up."""
+    try:
+        import psutil  # distributed's dependency
+
+        return psutil.Process().create_time()
+    except Exception:
+        return default
 
 
 def owns(shard_id: str, share: tuple[int, int]) -> bool:
@@ -118,6 +131,36 @@ def run_infer(
         job = resolve_catalogue(job, share)
     if job.task.candidates:  # rerank a recommend run's items
         check_candidates(job.task)
+    # the workers start while this client hashes the model, binds the folder and plans (not for
+    # recommend, whose text catalogue may first be embedded by a run of its own)
+    early = (
+        Prestarted(executor_factory, job.cluster)
+        if job.cluster.executor != "serial" and job.task.name != "recommend"
+        else None
+    )
+    try:
+        return _bound_run(job, files, executor_factory, early, on_shard, on_start, stop, share,
+                          launcher, nested, summary, t0)  # fmt: skip
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _bound_run(
+    job,
+    files,
+    executor_factory,
+    early,
+    on_shard,
+    on_start,
+    stop,
+    share,
+    launcher,
+    nested,
+    summary,
+    t0,
+) -> RunSummary:
+    """run_infer once its inputs are known: the folder bound to the job's fingerprint, the run."""
     run = RunDir.at(job.output.path)
     try:
         bound = run.read_run() if run.root.is_dir() else None
@@ -125,6 +168,13 @@ def run_infer(
         raise RunStateError(write_error(e, run)) from None
     job = keep_folder_schema(job, bound)
     fp = fingerprint(job)
+    if early is not None:  # the model loads on each worker as soon as they are up
+        early.when_ready(
+            lambda ex, job=job, sha=fp["sha"]: ex.on_each_worker(
+                warm, f"warm-{uuid.uuid4().hex[:8]}", job=job, threads=ex.threads,
+                fingerprint_sha=sha,
+            )
+        )  # fmt: skip
     try:
         run.bind(fp, job.output.overwrite)
         with run.lock():
@@ -138,8 +188,12 @@ def run_infer(
                     return summary
             if job.task.requests:  # each request file is read through its Parquet copy
                 files = {k: parquet_copy(k, run.root / "_inputs") for k in files}
-            return _Run(job, run, fp["sha"], files, stop, share, summary).go(
-                executor_factory, on_shard, on_start, launcher or {}, t0
+            return _Run(job, run, fp["sha"], files, stop, share, summary, early).go(
+                early.use if early is not None else executor_factory,
+                on_shard,
+                on_start,
+                launcher or {},
+                t0,
             )
     except OSError as e:  # the folder itself: read-only, full, not a folder
         raise RunStateError(write_error(e, run)) from None
@@ -169,13 +223,17 @@ def as_requests_job(job: JobConfig, files: dict[str, str]) -> JobConfig:
 class _Run:
     """One run's state between planning and accounting."""
 
-    def __init__(self, job, run: RunDir, sha: str, files, stop: Stop, share, summary: RunSummary):
+    def __init__(
+        self, job, run: RunDir, sha: str, files, stop: Stop, share, summary: RunSummary, early=None
+    ):
         self.job, self.run, self.sha, self.files = job, run, sha, files
+        self.early: Prestarted | None = early
         self.stop, self.share, self.summary = stop, share, summary
         self.token = uuid.uuid4().hex[
             :8
         ]  # task keys unique to this run, even on a shared scheduler
         self.fatal: str | None = None  # a model that cannot load: the run ends with it
+        self.first_model = 0.0  # when the first shard's first batch went into the model
 
     def plan(self, **kw) -> Plan:
         cfg = self.job.input
@@ -212,6 +270,7 @@ class _Run:
         atomic_write_json(entry_path, entry)  # a run that dies still leaves its start
         run.remove_stale_temporaries()
         plan = self.plan()
+        t_planned = time.time()
         pending = [s for s in plan.shards if not is_complete(run, s.id, self.sha)]
         mine = [s for s in pending if owns(s.id, self.share)]
         summary.shards_total = len(plan.shards)
@@ -223,25 +282,39 @@ class _Run:
                 (run.root / "_batch" / name).unlink(missing_ok=True)
 
         with executor_factory(self.job.cluster) as ex:
+            early = self.early
+            t_cluster = early.ready_at if early is not None else time.time()
             summary.dashboard = getattr(ex, "dashboard_link", None)
-            warming = (
-                ex.on_each_worker(
+            if early is not None and early.warming is not None:
+                warming = early.warming  # submitted while the client planned
+            elif mine:
+                warming = ex.on_each_worker(
                     warm,
                     f"warm-{self.token}",
                     job=self.job,
                     threads=ex.threads,
                     fingerprint_sha=self.sha,
                 )
-                if mine
-                else []
-            )
+            else:
+                warming = []
             if on_start:
                 on_start(summary, len(mine))
             if mine and not stop.level:
                 split = self.run_round(ex, plan, pending, mine, on_shard)
                 if split and not stop.level:
                     plan = self.replan_split(ex, plan, split, on_shard, on_start)
+            loads = [f.result() for f in warming if f.done() and f.status == "finished"]
             del warming  # loaded or not, the shards are done with
+        t_start = process_started(t0)
+        summary.startup = {  # seconds from the command's start
+            "config": t0 - t_start,  # interpreter, imports, the config and its checks
+            "planned": t_planned - t_start,  # inputs listed, model hashed, folder bound, planned
+            "cluster": t_cluster - t_start,  # the executor up (workers started or joined)
+        }
+        if any(s >= 0 for s in loads):  # on the workers, beside the client's own steps
+            summary.startup["load"] = max(loads)
+        if self.first_model:
+            summary.startup["first_batch"] = self.first_model - t_start
         summary.interrupted = stop.level > 0 and not self.fatal
         if self.fatal:
             summary.failed["model"] = self.fatal
@@ -256,6 +329,7 @@ class _Run:
             complete=summary.ok,
             totals=summary.totals.as_dict(),
             shards_total=summary.shards_total,
+            startup=summary.startup,
         )
         try:
             whole = summary.ok and self.consistent()
@@ -314,6 +388,8 @@ class _Run:
                     self.summary.failed[shard.id] = res.error
             else:
                 self.summary.processed += Counts.of(asdict(res))
+                if res.model_started:
+                    self.first_model = min(self.first_model or res.model_started, res.model_started)
             if on_shard:
                 on_shard(res, self.summary)
         return split

@@ -44,6 +44,9 @@ class ShardResult:
     """With `error`: the shard's files that could not be read (key -> why); the others are fine."""
     skipped: bool = False
     """True when the shard was already complete and nothing was done."""
+    model_started: float = 0.0
+    """When (epoch seconds) its first batch went into the model: the run's start-up ends at the
+    first shard's."""
     int8_check: dict | None = None
     """dtype int8: the part of this worker's check against float32 done in this shard
     (models/int8_check.py)."""
@@ -171,6 +174,7 @@ def run_shard(
             result.error, result.fatal = str(e), True
             return result
         t_loaded = time.perf_counter()
+        result.model_started = time.time()
         texts = [data.texts[i] for i in good]
         ids = [data.ids[i] for i in good]
         extra = {c: [v[i] for i in good] for c, v in data.extra.items()}

@@ -145,6 +145,19 @@ def test_next_shard_is_read_while_the_model_runs_one_shard_at_a_time(tmp_path, c
     # every later shard had been read before the one ahead of it left the model
     read_ahead = [nxt[2] < cur[1] for cur, nxt in itertools.pairwise(spans)]
     assert sum(read_ahead) >= 4, spans
+    # start-up: the worker started and loaded the model while the client planned, so no shard
+    # paid the load itself; the run says where its start-up went, and status shows it
+    run = RunDir.at(tmp_path / "out")
+    records = list(run.records().values())
+    assert max(r["seconds"]["load"] for r in records) < 0.5, [r["seconds"] for r in records]
+    entry = [e for e in run.run_entries() if "finished" in e][-1]
+    st = entry["startup"]
+    assert 0 < st["config"] < st["planned"] and st["config"] < st["cluster"] and st["load"] > 0
+    assert st["first_batch"] >= max(st["planned"], st["cluster"])
+    first = min(r["model_started"] for r in records)  # on the run's clock: from its start
+    assert abs((first - entry["started"]) - (st["first_batch"] - st["config"])) < 0.01
+    shown = run_cli("status", tmp_path / "out").stdout
+    assert f"start-up     {st['first_batch']:.1f}s from the command to the first batch" in shown
 
 
 @pytest.mark.mpi

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from ..errors import ModelError
 from ..registry import ARCHS
@@ -24,6 +22,11 @@ from ..registry import ARCHS
 FORMAT = "fastserve-checkpoint"
 VERSION = 1
 META = "fastserve.json"
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where weights are read or written: the client checks a checkpoint's header
+# (is_checkpoint, read_meta) without it, which keeps a second of imports out of its start-up
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -38,6 +41,8 @@ def save_checkpoint(
     extra: dict | None = None,
 ) -> Path:
     """Write `model` (unsplit), its tokenizer and its config as a FastServe checkpoint."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -74,9 +79,13 @@ def read_meta(folder: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(folder: str | Path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer, meta) from a FastServe checkpoint folder."""
+def load_checkpoint(folder: str | Path, device="cpu", dtype=None):
+    """(model, tokenizer, meta) from a FastServe checkpoint folder (float32 unless `dtype`)."""
+    import torch
+    from safetensors.torch import load_file
     from transformers import PreTrainedTokenizerFast
+
+    dtype = torch.float32 if dtype is None else dtype
 
     folder = Path(folder)
     meta = read_meta(folder)

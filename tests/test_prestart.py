@@ -1,0 +1,72 @@
+"""The executor started in a thread while the client plans (pipeline/prestart.py), with a
+factory standing in for the executor at its seam (the real one: tests/test_infer_cli.py)."""
+
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from fastserve.pipeline.prestart import Prestarted
+
+
+def factory(log, delay=0.2, fail=None):
+    @contextmanager
+    def make(cfg):
+        log.append(("enter", cfg, threading.current_thread().name))
+        time.sleep(delay)
+        if fail:
+            raise fail
+        try:
+            yield f"executor {cfg}"
+        finally:
+            log.append(("exit", cfg))
+
+    return make
+
+
+def test_a_function_given_before_the_executor_is_up_runs_once_it_is():
+    log = []
+    early = Prestarted(factory(log), "c")
+    t0 = time.time()
+    early.when_ready(lambda ex: [f"warm on {ex}"])  # the executor is still starting
+    assert time.time() - t0 < 0.1  # the client goes on planning meanwhile
+    with early.use() as ex:
+        assert ex == "executor c" and early.warming == ["warm on executor c"]
+        assert early.ready_at >= t0
+    assert log == [("enter", "c", "fastserve-executor-start")]  # use() does not end it
+    early.close()
+    assert log[-1] == ("exit", "c") and early.warming is None
+
+
+def test_a_function_given_after_it_is_up_runs_at_once():
+    log = []
+    early = Prestarted(factory(log, delay=0), "c")
+    with early.use():
+        pass
+    early.when_ready(lambda ex: ["now"])
+    assert early.warming == ["now"]
+    early.close()
+
+
+def test_a_failed_start_is_raised_where_the_executor_is_used_and_close_is_safe():
+    early = Prestarted(factory([], fail=ValueError("no scheduler there")), "c")
+    early.when_ready(lambda ex: pytest.fail("never called"))
+    with pytest.raises(ValueError, match="no scheduler there"), early.use():
+        pass
+    early.close()
+
+
+def test_closed_unused_the_executor_still_ends():
+    log = []
+    early = Prestarted(factory(log), "c")
+    early.close()  # e.g. the folder was bound to another config: nothing ran
+    assert [e[0] for e in log] == ["enter", "exit"]
+
+
+def test_a_failing_head_start_is_not_the_runs_failure():
+    early = Prestarted(factory([], delay=0), "c")
+    early.when_ready(lambda ex: 1 / 0)
+    with early.use() as ex:
+        assert ex == "executor c" and early.warming == []
+    early.close()
