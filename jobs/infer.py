@@ -163,6 +163,17 @@ def _nested(job, executor_factory, stop: Stop):
     return summary
 
 
+def process_started() -> float | None:
+    """When this process started (epoch seconds): the command's start, the origin of its
+    start-up figures (None where it cannot be told)."""
+    try:
+        import psutil  # distributed's dependency
+
+        return psutil.Process().create_time()
+    except Exception:
+        return None
+
+
 def _run(job, executor_factory) -> None:
     progress = Progress()
     stop = Stop()
@@ -192,6 +203,7 @@ def _run(job, executor_factory) -> None:
         share=slurm.share,
         launcher=launcher,
         nested=lambda nested_job: _nested(nested_job, executor_factory, stop),
+        started=process_started(),
     )
     progress.finish(summary)
     for note in summary.notes:

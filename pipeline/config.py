@@ -561,7 +561,7 @@ def validate(cfg: JobConfig, where: str = "config") -> None:
             cfg.output.schema in have,
             f"output.schema is {cfg.output.schema}; task {cfg.task.name} writes "
             f"{', '.join(f'{name}.v{v}' for v in have)} (data_schemas/): give one of "
-            f"{', '.join(map(str, have))}, or 0 for the newest",
+            f"{', '.join(map(str, have))}, or 0 (the newest for a new folder; a rerun keeps its folder's)",
         )
     need(cfg.cluster.workers > 0, f"cluster.workers must be > 0, got {cfg.cluster.workers}")
     need(cfg.cluster.threads_per_worker >= 0, "cluster.threads_per_worker must be >= 0")

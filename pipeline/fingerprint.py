@@ -116,7 +116,8 @@ def keep_folder_schema(job: JobConfig, bound: dict | None) -> JobConfig:
     if job.output.schema or job.output.overwrite or not bound:
         return job
     name = f"{job.task.name}.v"
-    was = str(((bound.get("fingerprint") or {}).get("fields") or {}).get("schema", ""))
+    fields = (bound.get("fingerprint") or {}).get("fields")
+    was = str(fields.get("schema", "")) if isinstance(fields, dict) else ""
     if not (was.startswith(name) and was[len(name) :].isdigit()):
         return job
     version = int(was[len(name) :])

@@ -77,16 +77,6 @@ class RunSummary:
         return not self.failed and not self.interrupted and self.totals.shards == self.shards_total
 
 
-def process_started(default: float) -> float:
-    """When this process started (epoch seconds): the command's start, for its start-up."""
-    try:
-        import psutil  # distributed's dependency
-
-        return psutil.Process().create_time()
-    except Exception:
-        return default
-
-
 def owns(shard_id: str, share: tuple[int, int]) -> bool:
     """Whether array task `share[0]` of `share[1]` runs this shard: a function of the id alone,
     so tasks that see the plan at different moments still give each shard exactly one owner."""
@@ -102,6 +92,7 @@ def run_infer(
     share: tuple[int, int] = (0, 1),
     launcher: dict | None = None,
     nested: Callable[[JobConfig], RunSummary] | None = None,
+    started: float | None = None,
 ) -> RunSummary:
     """Run every shard of `job` that is not complete; return the run's totals.
 
@@ -110,6 +101,8 @@ def run_infer(
     pending shard, whoever owns it. `launcher`: facts about what started the run (e.g. a Slurm job
     id), kept in the run's entry. `nested(job)` runs a job this one needs first (recommend: the
     embedding of a text catalogue) to its end; default: run_infer with the same executors.
+    `started`: when the command started (epoch seconds; default: now), the origin of the run's
+    start-up figures and seconds.
 
     `on_start(summary, pending)` is called once the cluster is up (and again if shards are
     re-planned mid-run), `on_shard(result, summary)` after each shard, for progress display.
@@ -117,6 +110,7 @@ def run_infer(
     does the rest.
     """
     t0 = time.time()
+    started = t0 if started is None else min(started, t0)
     stop = stop or Stop()
     summary = RunSummary(output=str(job.output.path))
     check_job(job)  # on the client, before any worker starts
@@ -131,36 +125,6 @@ def run_infer(
         job = resolve_catalogue(job, share)
     if job.task.candidates:  # rerank a recommend run's items
         check_candidates(job.task)
-    # the workers start while this client hashes the model, binds the folder and plans (not for
-    # recommend, whose text catalogue may first be embedded by a run of its own)
-    early = (
-        Prestarted(executor_factory, job.cluster)
-        if job.cluster.executor != "serial" and job.task.name != "recommend"
-        else None
-    )
-    try:
-        return _bound_run(job, files, executor_factory, early, on_shard, on_start, stop, share,
-                          launcher, nested, summary, t0)  # fmt: skip
-    finally:
-        if early is not None:
-            early.close()
-
-
-def _bound_run(
-    job,
-    files,
-    executor_factory,
-    early,
-    on_shard,
-    on_start,
-    stop,
-    share,
-    launcher,
-    nested,
-    summary,
-    t0,
-) -> RunSummary:
-    """run_infer once its inputs are known: the folder bound to the job's fingerprint, the run."""
     run = RunDir.at(job.output.path)
     try:
         bound = run.read_run() if run.root.is_dir() else None
@@ -168,15 +132,21 @@ def _bound_run(
         raise RunStateError(write_error(e, run)) from None
     job = keep_folder_schema(job, bound)
     fp = fingerprint(job)
-    if early is not None:  # the model loads on each worker as soon as they are up
-        early.when_ready(
-            lambda ex, job=job, sha=fp["sha"]: ex.on_each_worker(
-                warm, f"warm-{uuid.uuid4().hex[:8]}", job=job, threads=ex.threads,
-                fingerprint_sha=sha,
-            )
-        )  # fmt: skip
+    early: Prestarted | None = None
     try:
         run.bind(fp, job.output.overwrite)
+        if job.cluster.executor != "serial" and job.task.name != "recommend":
+            # the workers start while this client plans (not for recommend, whose text catalogue
+            # may first be embedded by a run of its own); in a folder with no result yet every
+            # shard is pending, so they load the model at once too
+            early = Prestarted(executor_factory, job.cluster)
+            if not run.holds_results():
+                early.when_ready(
+                    lambda ex, job=job, sha=fp["sha"]: ex.on_each_worker(
+                        warm, f"warm-{uuid.uuid4().hex[:8]}", job=job, threads=ex.threads,
+                        fingerprint_sha=sha,
+                    )
+                )  # fmt: skip
         with run.lock():
             if job.task.name == "recommend":  # a text catalogue: its vectors first
                 try:
@@ -194,9 +164,14 @@ def _bound_run(
                 on_start,
                 launcher or {},
                 t0,
+                started,
             )
     except OSError as e:  # the folder itself: read-only, full, not a folder
         raise RunStateError(write_error(e, run)) from None
+    finally:
+        if early is not None:
+            early.close()  # the workers end (and the run's seconds include their ending)
+            summary.seconds = time.time() - started
 
 
 def as_requests_job(job: JobConfig, files: dict[str, str]) -> JobConfig:
@@ -234,6 +209,7 @@ class _Run:
         ]  # task keys unique to this run, even on a shared scheduler
         self.fatal: str | None = None  # a model that cannot load: the run ends with it
         self.first_model = 0.0  # when the first shard's first batch went into the model
+        self.first_load = 0.0  # and the seconds that shard spent loading the model
 
     def plan(self, **kw) -> Plan:
         cfg = self.job.input
@@ -255,7 +231,9 @@ class _Run:
             self.summary.notes.append(f"file {key}: {why}")
         return plan
 
-    def go(self, executor_factory, on_shard, on_start, launcher: dict, t0: float) -> RunSummary:
+    def go(
+        self, executor_factory, on_shard, on_start, launcher: dict, t0: float, started: float
+    ) -> RunSummary:
         run, summary, stop = self.run, self.summary, self.stop
         stamp = time.strftime("%Y-%m-%dT%H%M%S", time.localtime(t0))
         entry_path = run.runs_dir / f"{stamp}-{os.getpid()}-{self.token}.json"
@@ -305,21 +283,23 @@ class _Run:
                     plan = self.replan_split(ex, plan, split, on_shard, on_start)
             loads = [f.result() for f in warming if f.done() and f.status == "finished"]
             del warming  # loaded or not, the shards are done with
-        t_start = process_started(t0)
         summary.startup = {  # seconds from the command's start
-            "config": t0 - t_start,  # interpreter, imports, the config and its checks
-            "planned": t_planned - t_start,  # inputs listed, model hashed, folder bound, planned
-            "cluster": t_cluster - t_start,  # the executor up (workers started or joined)
+            "config": t0 - started,  # interpreter, imports, the config and its checks
+            "planned": t_planned - started,  # inputs listed, model hashed, folder bound, planned
         }
+        if self.job.cluster.executor != "serial":  # the executor up (workers started or joined)
+            summary.startup["cluster"] = t_cluster - started
         if any(s >= 0 for s in loads):  # on the workers, beside the client's own steps
             summary.startup["load"] = max(loads)
+        elif self.first_load:  # no head start: the first shard loaded it
+            summary.startup["load"] = self.first_load
         if self.first_model:
-            summary.startup["first_batch"] = self.first_model - t_start
+            summary.startup["first_batch"] = self.first_model - started
         summary.interrupted = stop.level > 0 and not self.fatal
         if self.fatal:
             summary.failed["model"] = self.fatal
         self.account(plan)
-        summary.seconds = time.time() - t0
+        summary.seconds = time.time() - started
         entry.update(
             finished=time.time(),
             processed=summary.processed.as_dict(),
@@ -388,8 +368,11 @@ class _Run:
                     self.summary.failed[shard.id] = res.error
             else:
                 self.summary.processed += Counts.of(asdict(res))
-                if res.model_started:
-                    self.first_model = min(self.first_model or res.model_started, res.model_started)
+                if res.model_started and (
+                    not self.first_model or res.model_started < self.first_model
+                ):
+                    self.first_model = res.model_started
+                    self.first_load = res.seconds.get("load", 0.0)
             if on_shard:
                 on_shard(res, self.summary)
         return split

@@ -70,3 +70,69 @@ def test_a_failing_head_start_is_not_the_runs_failure():
     with early.use() as ex:
         assert ex == "executor c" and early.warming == []
     early.close()
+
+
+# -- in a run: when the executor starts, and when the workers load the model ---------------------
+
+
+class RecordingExecutor:
+    """The serial executor, recording what the run asks of its workers (the seam: the Dask
+    executor's own behaviour is tested in tests/test_infer_cli.py)."""
+
+    def __init__(self, log):
+        from fastserve.pipeline.executors import SerialExecutor
+
+        self.inner, self.log = SerialExecutor(), log
+        self.threads, self.dashboard_link = 0, None
+
+    def map_unordered(self, *args, **kwargs):
+        return self.inner.map_unordered(*args, **kwargs)
+
+    def on_each_worker(self, fn, key, **kwargs):
+        self.log.append(("warm",))
+        return []
+
+
+def run_with_log(tmp_path, model, log=None, **output):
+    from fastserve.pipeline.config import load_job
+    from fastserve.pipeline.infer import run_infer
+
+    log = [] if log is None else log
+
+    @contextmanager
+    def factory(cfg):
+        log.append(("enter",))
+        yield RecordingExecutor(log)
+
+    job = load_job(
+        None,
+        {
+            "input": {"paths": [str(tmp_path / "c")]},
+            "model": {"path": str(model)},
+            "task": {"name": "sentiment"},
+            "output": {"path": str(tmp_path / "out"), **output},
+            "cluster": {"executor": "local"},
+        },
+    )
+    return run_infer(job, factory), log
+
+
+def test_workers_start_only_once_the_folder_is_known_to_take_the_run(tmp_path):
+    """A new folder: the executor starts and the model load is asked for at once (every shard
+    is pending); a rerun of a complete folder starts the executor but loads nothing; a folder
+    bound to another config is refused before any worker starts."""
+    from fastserve.pipeline.errors import RunStateError
+    from fastserve.pipeline.testing import write_corpus
+    from fastserve.pipeline.testing.models import build_classifier
+
+    model = build_classifier(tmp_path / "m")
+    write_corpus(tmp_path / "c", n_files=2, rows=6)
+    summary, log = run_with_log(tmp_path, model)
+    assert summary.ok and log == [("enter",), ("warm",)]
+    assert {"config", "planned", "cluster", "first_batch"} <= set(summary.startup)
+    summary, log = run_with_log(tmp_path, model)
+    assert summary.ok and summary.processed.shards == 0 and log == [("enter",)]
+    log = []
+    with pytest.raises(RunStateError, match="holds a run with another config"):
+        run_with_log(tmp_path, build_classifier(tmp_path / "m2", seed=1), log)
+    assert log == []  # refused at once: no worker was started for it
