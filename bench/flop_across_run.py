@@ -91,7 +91,9 @@ def main() -> None:
         tmp = Path(tmp_name)
         model_dir = build_distilbert(tmp / "distilbert", small=args.smoke)
         texts = sample_texts(args.rows, seed=1, min_words=5, max_words=200)
-        write_texts(tmp / "corpus", texts, files=4)
+        shard_rows = max(1, args.rows // args.shards)
+        # row groups of a shard's size: the planner cuts shards at row groups
+        write_texts(tmp / "corpus", texts, files=4, row_group_size=shard_rows)
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         lengths = [len(x) for x in tok(texts, truncation=True, max_length=512)["input_ids"]]
@@ -110,7 +112,7 @@ def main() -> None:
             model_dir,
             tmp / "corpus",
             tmp / "long",
-            shard_rows=max(1, args.rows // args.shards),
+            shard_rows=shard_rows,
             workers=1,
         )
         stop.set()
@@ -122,7 +124,7 @@ def main() -> None:
         ids = {i for *_, part in rates[: max(1, len(rates) // 10)] for i in part}
         index = {f"r{i:07d}": i for i in range(len(texts))}
         again = [texts[index[i]] for i in sorted(ids)]
-        write_texts(tmp / "control-corpus", again, files=1)
+        write_texts(tmp / "control-corpus", again, files=1, row_group_size=shard_rows)
         control_flops = {
             f"r{k:07d}": row_flops[i] for k, i in enumerate(sorted(ids)) if i in row_flops
         }
@@ -131,7 +133,7 @@ def main() -> None:
             model_dir,
             tmp / "control-corpus",
             tmp / "control",
-            shard_rows=max(1, args.rows // args.shards),
+            shard_rows=shard_rows,
             workers=1,
         )
         control = shard_rates(tmp / "control", control_flops)
@@ -157,12 +159,14 @@ def main() -> None:
         f"{whole / after:.0%} of the rate after, {whole / statistics.median([before, after, last]):.0%} of the median"
     )
     if rss:
-        tenth = max(1, len(rss) // 10)
-        early = statistics.median(m for _, m in rss[:tenth])
-        late = statistics.median(m for _, m in rss[-tenth:])
+        n = len(rss)
+        peaks = [
+            max(m for _, m in rss[k * n // 10 : (k + 1) * n // 10] or rss[-1:]) for k in range(10)
+        ]
         print(
-            f"worker RSS MiB: first tenth {early:.0f}, last tenth {late:.0f}, "
-            f"peak {max(m for _, m in rss):.0f} ({len(rss)} samples)"
+            "worker RSS MiB, the peak of each tenth of the run: "
+            + ", ".join(f"{m:.0f}" for m in peaks)
+            + f" ({n} samples)"
         )
 
 

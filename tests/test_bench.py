@@ -50,4 +50,4 @@ def test_recommend_benchmark_runs_at_smoke_size():
 def test_flop_across_run_benchmark_runs_at_smoke_size():
     out = bench("flop_across_run", "--smoke")
     assert "model GFLOP/s by tenth of the run" in out and "in a fresh worker" in out
-    assert "worker RSS MiB" in out
+    assert "worker RSS MiB, the peak of each tenth" in out
