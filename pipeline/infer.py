@@ -137,16 +137,10 @@ def run_infer(
         run.bind(fp, job.output.overwrite)
         if job.cluster.executor != "serial" and job.task.name != "recommend":
             # the workers start while this client plans (not for recommend, whose text catalogue
-            # may first be embedded by a run of its own); in a folder with no result yet every
-            # shard is pending, so they load the model at once too
+            # may first be embedded by a run of its own); they load the model once the plan
+            # says a shard is pending (a model load cut short by the run's end would leave a
+            # worker's traceback on the user's screen)
             early = Prestarted(executor_factory, job.cluster)
-            if not run.holds_results():
-                early.when_ready(
-                    lambda ex, job=job, sha=fp["sha"]: ex.on_each_worker(
-                        warm, f"warm-{uuid.uuid4().hex[:8]}", job=job, threads=ex.threads,
-                        fingerprint_sha=sha,
-                    )
-                )  # fmt: skip
         with run.lock():
             if job.task.name == "recommend":  # a text catalogue: its vectors first
                 try:
@@ -263,9 +257,7 @@ class _Run:
             early = self.early
             t_cluster = early.ready_at if early is not None else time.time()
             summary.dashboard = getattr(ex, "dashboard_link", None)
-            if early is not None and early.warming is not None:
-                warming = early.warming  # submitted while the client planned
-            elif mine:
+            if mine:
                 warming = ex.on_each_worker(
                     warm,
                     f"warm-{self.token}",

@@ -3,8 +3,8 @@
 A run's start-up is a chain: the client reads its config, lists its inputs, hashes the model,
 binds the run folder and plans the shards; the workers start, import torch and transformers and
 load the model. The two halves need nothing of each other until the first shard is submitted, so
-the workers start (and load the model, once the run's fingerprint names it) while the client
-plans: the first batch waits for the longer of the two, not their sum.
+the workers start while the client plans: the first batch waits for the longer of the two, not their sum (the model load itself is
+asked for once the plan says a shard is pending).
 
 Knows nothing of Dask: it enters whatever executor factory it is given, in a thread.
 """
@@ -27,9 +27,6 @@ class Prestarted:
         self._lock = threading.Lock()
         self._ex: Any = None
         self._error: BaseException | None = None
-        self._on_ready: Callable | None = None
-        self.warming: list | None = None
-        """What `when_ready`'s function returned (the workers' model loads), once it ran."""
         self.ready_at = 0.0
         """When the executor was up (epoch seconds)."""
         self._thread = threading.Thread(
@@ -45,22 +42,6 @@ class Prestarted:
             return
         with self._lock:
             self._ex, self.ready_at = ex, time.time()
-            if self._on_ready is not None:
-                self._ready(self._on_ready)
-
-    def _ready(self, fn: Callable) -> None:
-        try:
-            self.warming = fn(self._ex)
-        except Exception:  # a head start only: the first shard loads the model anyway
-            self.warming = []
-
-    def when_ready(self, fn: Callable) -> None:
-        """Call fn(executor) as soon as the executor is up (now, if it is)."""
-        with self._lock:
-            if self._ex is not None:
-                self._ready(fn)
-            else:
-                self._on_ready = fn
 
     @contextmanager
     def use(self, cfg: Any = None) -> Iterator[Any]:
@@ -72,5 +53,4 @@ class Prestarted:
 
     def close(self) -> None:
         self._thread.join()
-        self.warming = None
         self._stack.close()

@@ -25,33 +25,20 @@ def factory(log, delay=0.2, fail=None):
     return make
 
 
-def test_a_function_given_before_the_executor_is_up_runs_once_it_is():
+def test_the_executor_starts_in_a_thread_while_the_caller_goes_on():
     log = []
-    early = Prestarted(factory(log), "c")
     t0 = time.time()
-    early.when_ready(lambda ex: [f"warm on {ex}"])  # the executor is still starting
-    assert time.time() - t0 < 0.1  # the client goes on planning meanwhile
-    with early.use() as ex:
-        assert ex == "executor c" and early.warming == ["warm on executor c"]
-        assert early.ready_at >= t0
+    early = Prestarted(factory(log, delay=0.5), "c")
+    assert early.ready_at == 0.0  # not waited for: the client goes on planning meanwhile
+    with early.use() as ex:  # waits for it
+        assert ex == "executor c" and early.ready_at >= t0
     assert log == [("enter", "c", "fastserve-executor-start")]  # use() does not end it
     early.close()
-    assert log[-1] == ("exit", "c") and early.warming is None
-
-
-def test_a_function_given_after_it_is_up_runs_at_once():
-    log = []
-    early = Prestarted(factory(log, delay=0), "c")
-    with early.use():
-        pass
-    early.when_ready(lambda ex: ["now"])
-    assert early.warming == ["now"]
-    early.close()
+    assert log[-1] == ("exit", "c")
 
 
 def test_a_failed_start_is_raised_where_the_executor_is_used_and_close_is_safe():
     early = Prestarted(factory([], fail=ValueError("no scheduler there")), "c")
-    early.when_ready(lambda ex: pytest.fail("never called"))
     with pytest.raises(ValueError, match="no scheduler there"), early.use():
         pass
     early.close()
@@ -62,14 +49,6 @@ def test_closed_unused_the_executor_still_ends():
     early = Prestarted(factory(log), "c")
     early.close()  # e.g. the folder was bound to another config: nothing ran
     assert [e[0] for e in log] == ["enter", "exit"]
-
-
-def test_a_failing_head_start_is_not_the_runs_failure():
-    early = Prestarted(factory([], delay=0), "c")
-    early.when_ready(lambda ex: 1 / 0)
-    with early.use() as ex:
-        assert ex == "executor c" and early.warming == []
-    early.close()
 
 
 # -- in a run: when the executor starts, and when the workers load the model ---------------------
@@ -118,9 +97,9 @@ def run_with_log(tmp_path, model, log=None, **output):
 
 
 def test_workers_start_only_once_the_folder_is_known_to_take_the_run(tmp_path):
-    """A new folder: the executor starts and the model load is asked for at once (every shard
-    is pending); a rerun of a complete folder starts the executor but loads nothing; a folder
-    bound to another config is refused before any worker starts."""
+    """A new folder: the executor starts and the model load is asked for (shards are pending); a
+    rerun of a complete folder starts the executor but loads nothing; a folder bound to another
+    config is refused before any worker starts."""
     from fastserve.pipeline.errors import RunStateError
     from fastserve.pipeline.testing import write_corpus
     from fastserve.pipeline.testing.models import build_classifier
