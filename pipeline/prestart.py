@@ -1,10 +1,9 @@
 """The executor started in a thread while the client plans.
 
 A run's start-up is a chain: the client reads its config, lists its inputs, hashes the model,
-binds the run folder and plans the shards; the workers start, import torch and transformers and
-load the model. The two halves need nothing of each other until the first shard is submitted, so
-the workers start while the client plans: the first batch waits for the longer of the two, not their sum (the model load itself is
-asked for once the plan says a shard is pending).
+binds the run folder and plans the shards; the workers start and, once the plan says a shard is
+pending, import torch and load the model. Starting the workers needs nothing of the plan, so it
+runs beside the planning instead of after it.
 
 Knows nothing of Dask: it enters whatever executor factory it is given, in a thread.
 """
@@ -24,7 +23,6 @@ class Prestarted:
 
     def __init__(self, factory: Callable, cfg: Any):
         self._stack = ExitStack()
-        self._lock = threading.Lock()
         self._ex: Any = None
         self._error: BaseException | None = None
         self.ready_at = 0.0
@@ -40,8 +38,7 @@ class Prestarted:
         except BaseException as e:  # raised again by use(), in the client's thread
             self._error = e
             return
-        with self._lock:
-            self._ex, self.ready_at = ex, time.time()
+        self._ex, self.ready_at = ex, time.time()
 
     @contextmanager
     def use(self, cfg: Any = None) -> Iterator[Any]:
